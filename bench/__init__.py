@@ -1,0 +1,1 @@
+"""Benchmarks that print their figure against a raw baseline measured in the same run."""

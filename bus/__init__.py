@@ -1,0 +1,1 @@
+"""edgebus messaging layer: NATS servers, links and transport helpers."""

@@ -1,0 +1,148 @@
+"""A durable pull consumer kept fed: one pull request always outstanding, deliveries buffered.
+
+Cheaper than nats-py `fetch` (no task per message) and real time (a batch is whatever has
+arrived, not a full batch or a timeout); the consumer's max_ack_pending bounds the buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import deque
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from bus.log import get_logger
+
+DEFAULT_API_PREFIX = "$JS.API"
+_STATUS = "Status"
+_DESCRIPTION = "Description"
+_HEARTBEAT = "100"
+_REQUEST_TIMEOUT = "408"
+# 409 descriptions after which pulling again cannot work: the caller must re-declare.
+_FATAL_409 = ("consumer deleted", "consumer is push based")
+
+
+class PullFeedError(RuntimeError):
+    """The consumer is gone (deleted, or not a pull consumer): re-declare it and start again."""
+
+
+class PullFeed:
+    """Buffered deliveries of one durable pull consumer. `start`, `next_batch`..., `stop`."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        stream: str,
+        consumer: str,
+        *,
+        batch: int,
+        expires_s: float = 5.0,
+        retry_pause_s: float = 0.25,
+        api_prefix: str = DEFAULT_API_PREFIX,
+    ) -> None:
+        if batch < 1 or expires_s <= 0:
+            raise ValueError("need batch >= 1 and expires_s > 0")
+        self._nc = nc
+        self._next_subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._request_body = json.dumps(
+            {"batch": batch, "expires": int(expires_s * 1_000_000_000)}
+        ).encode()
+        self._batch = batch
+        self._expires_s = expires_s
+        self._retry_pause_s = retry_pause_s
+        self._buffer: deque[Msg] = deque()
+        self._arrived = asyncio.Event()
+        self._outstanding = 0
+        self._requested_at = 0.0
+        self._paused_until = 0.0
+        self._error: PullFeedError | None = None
+        self._inbox = ""
+        self._sub: Subscription | None = None
+        self._log = get_logger("bus.pullfeed", stream=stream, consumer=consumer)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    async def start(self) -> None:
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+        await self._request()
+
+    async def stop(self, *, nak_buffered: bool = True) -> None:
+        """Stop pulling; buffered (never handed out) messages are nak'ed to come back first."""
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        while self._buffer:
+            msg = self._buffer.popleft()
+            if nak_buffered:
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+
+    async def next_batch(self, max_messages: int, timeout_s: float) -> list[Msg]:
+        """Up to `max_messages` delivered messages; [] if none arrived within `timeout_s`."""
+        if self._error is not None:
+            raise self._error
+        if not self._buffer:
+            await self._keep_fed()
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), timeout=timeout_s)
+            if self._error is not None:
+                raise self._error
+        count = min(max_messages, len(self._buffer))
+        return [self._buffer.popleft() for _ in range(count)]
+
+    async def _keep_fed(self) -> None:
+        """Re-request when the last request ended in an error pause or was lost."""
+        now = time.monotonic()
+        if self._outstanding > 0:
+            # No 408 came back in time: the request was lost (server restart, reconnect).
+            if now - self._requested_at < self._expires_s + 1.0:
+                return
+            self._log.debug("pull_request_lost")
+        if now >= self._paused_until:
+            await self._request()
+
+    async def _request(self) -> None:
+        if self._sub is None:
+            return
+        self._outstanding = self._batch
+        self._requested_at = time.monotonic()
+        try:
+            await self._nc.publish(self._next_subject, self._request_body, reply=self._inbox)
+        except Exception as exc:  # disconnected: the lost-request check retries later
+            self._log.warning("pull_request_failed", error=repr(exc))
+
+    async def _on_msg(self, msg: Msg) -> None:
+        headers = msg.headers
+        if headers and not msg.reply and _STATUS in headers:
+            await self._on_status(headers[_STATUS], headers.get(_DESCRIPTION, ""))
+            return
+        self._buffer.append(msg)
+        self._arrived.set()
+        self._outstanding -= 1
+        if self._outstanding <= 0:
+            await self._request()
+
+    async def _on_status(self, status: str, description: str) -> None:
+        if status == _HEARTBEAT:
+            return
+        self._outstanding = 0
+        if status == _REQUEST_TIMEOUT:
+            await self._request()
+            return
+        if status == "409" and description.lower().startswith(_FATAL_409):
+            self._error = PullFeedError(f"{status} {description}")
+        else:
+            # e.g. 503 (JetStream not ready), 409 leadership change: pull again shortly.
+            self._log.info("pull_status", status=status, description=description)
+            self._paused_until = time.monotonic() + self._retry_pause_s
+        self._arrived.set()  # wake next_batch so it re-requests or raises

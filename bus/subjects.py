@@ -1,0 +1,231 @@
+"""Every NATS subject edgebus uses, built in this one module (and listed for AsyncAPI).
+
+The site id is always its own token so per-site permissions can be `up.<site>.>` etc.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+CENTER = "center"  # reserved scope: never a site id
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class SubjectError(ValueError):
+    """A token that would break the subject hierarchy (dots, wildcards, spaces, empty)."""
+
+
+def token(value: str) -> str:
+    """Validate one subject token: ids become tokens, never free text."""
+    if not _TOKEN.match(value):
+        raise SubjectError(f"not a valid subject token: {value!r}")
+    return value
+
+
+def site_id(value: str) -> str:
+    if value == CENTER:
+        raise SubjectError(f"{CENTER!r} is reserved and cannot be a site id")
+    return token(value)
+
+
+# -- devices (site-local) ---------------------------------------------------------
+
+
+def device_raw(site: str, device: str, channel: str) -> str:
+    """Where the NATS MQTT listener puts topic `dev/<site>/<device>/<channel>`."""
+    return f"dev.{token(site)}.{token(device)}.{token(channel)}"
+
+
+def device_raw_all(site: str) -> str:
+    return f"dev.{token(site)}.>"
+
+
+def mqtt_device_topic(site: str, device: str, channel: str) -> str:
+    return f"dev/{token(site)}/{token(device)}/{token(channel)}"
+
+
+def mqtt_device_filter(site: str) -> str:
+    return f"dev/{token(site)}/+/+"
+
+
+def device_raw_any() -> str:
+    """Every device subject, of any site: ingest captures all to dead-letter foreign ones."""
+    return "dev.>"
+
+
+def parse_device_raw(subject: str) -> tuple[str, str, str] | None:
+    """(site, device, channel) of a `dev.` subject, or None if it has another shape."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[0] != "dev" or not all(_TOKEN.match(p) for p in parts[1:]):
+        return None
+    return parts[1], parts[2], parts[3]
+
+
+def _token_or_wildcard(value: str) -> str:
+    return value if value in ("*", ">") else token(value)
+
+
+def site_event(site: str, kind: str, *rest: str) -> str:
+    """Typed events published at the site for local subscribers: `evt.<site>.<kind>...`."""
+    tail = "".join(f".{_token_or_wildcard(part)}" for part in rest)
+    return f"evt.{token(site)}.{_token_or_wildcard(kind)}{tail}"
+
+
+def site_events_all(site: str) -> str:
+    return f"evt.{token(site)}.>"
+
+
+def site_readings(site: str, device: str = "*", channel: str = "*") -> str:
+    """Typed device-reading events published at the site for local subscribers."""
+    return site_event(site, "reading", device, channel)
+
+
+def local_control(site: str, op: str) -> str:
+    """Requests a local operator makes to the site's agent (status, ...); works offline."""
+    return f"local.{token(site)}.{token(op)}"
+
+
+# -- the site's replay log (site-local, never crosses the leaf link) -----------------
+
+
+def replay(site: str, kind: str, *rest: str) -> str:
+    """`replay.<site>.<kind>[.<key>...]`: what the site owes the center, in its own domain."""
+    tail = "".join(f".{token(part)}" for part in rest)
+    return f"replay.{site_id(site)}.{token(kind)}{tail}"
+
+
+def replay_all(site: str) -> str:
+    return f"replay.{site_id(site)}.>"
+
+
+def replay_to_up(subject: str) -> str:
+    """The center subject a replay-log entry is forwarded to: `replay.` -> `up.`."""
+    if not subject.startswith("replay."):
+        raise SubjectError(f"not a replay-log subject: {subject!r}")
+    return "up." + subject[len("replay.") :]
+
+
+# -- site -> center ---------------------------------------------------------------
+
+
+def up(site: str, kind: str, *rest: str) -> str:
+    """Site-to-center subject: `up.<site>.<kind>[.<rest>...]`."""
+    tail = "".join(f".{token(part)}" for part in rest)
+    return f"up.{site_id(site)}.{token(kind)}{tail}"
+
+
+def up_all(kind: str) -> str:
+    return f"up.*.{token(kind)}.>"
+
+
+# -- center -> sites --------------------------------------------------------------
+
+
+def down_site(site: str, kind: str) -> str:
+    return f"down.{site_id(site)}.{token(kind)}"
+
+
+def down_group(group: str, kind: str) -> str:
+    return f"down.group.{token(group)}.{token(kind)}"
+
+
+def down_all(kind: str) -> str:
+    return f"down.all.{token(kind)}"
+
+
+# -- operator requests ------------------------------------------------------------
+
+
+def control(service: str, op: str) -> str:
+    return f"ctl.{token(service)}.{token(op)}"
+
+
+# -- per-site permissions (rendered into each site's JWT by bus.auth) -------------------
+
+SITE_INBOX_ROOT = "_INBOX"
+CENTER_INBOX_ROOT = "_INBOX_center"
+_TAG_TEMPLATE = re.compile(r"^\{\{tag\([a-z]+\)\}\}$")
+
+
+def site_inbox_prefix(site: str) -> str:
+    """nats-py `inbox_prefix` every connection of a site must use: `_INBOX.<site>`.
+
+    Replies and JetStream acks for the site then stay inside what only it may read.
+    """
+    return f"{SITE_INBOX_ROOT}.{site_id(site)}"
+
+
+def center_inbox_prefix(site: str) -> str:
+    """Reply prefix of center->site requests: `_INBOX_center.<site>`; the site may publish
+    only there, so it can answer its own requests and no other site's."""
+    return f"{CENTER_INBOX_ROOT}.{site_id(site)}"
+
+
+@dataclass(frozen=True)
+class SitePermissions:
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+
+def site_permissions(
+    site: str, groups: tuple[str, ...], *, site_jetstream_from_center: bool = False
+) -> SitePermissions:
+    """Everything one site may publish and subscribe, and nothing more.
+
+    `site`/`groups` are ids, or JWT template expressions such as `{{tag(site)}}` that the
+    server expands per user. No `$JS.API.>`: JetStream publish needs none, and with it a
+    site could read other sites' data; with `site_jetstream_from_center` the center may
+    also reach the site's own JetStream domain (`$JS.<site>.API.>`).
+    """
+    s = _id_or_template(site, site_id)
+    subscribe = [f"down.{s}.>", "down.all.>"]
+    subscribe += [f"down.group.{_id_or_template(g, token)}.>" for g in groups]
+    subscribe.append(f"{SITE_INBOX_ROOT}.{s}.>")
+    if site_jetstream_from_center:
+        subscribe.append(f"$JS.{s}.API.>")
+    return SitePermissions(
+        publish=(f"up.{s}.>", f"{CENTER_INBOX_ROOT}.{s}.>"), subscribe=tuple(subscribe)
+    )
+
+
+def _id_or_template(value: str, check: Callable[[str], str]) -> str:
+    return value if _TAG_TEMPLATE.match(value) else check(value)
+
+
+# -- dead letters -----------------------------------------------------------------
+
+
+def dead_letter(scope: str, component: str, reason: str) -> str:
+    """`dlq.<scope>.<component>.<reason>`; scope is a site id or `center`."""
+    return f"dlq.{token(scope)}.{token(component)}.{token(reason)}"
+
+
+def dead_letter_all(scope: str) -> str:
+    return f"dlq.{token(scope)}.>"
+
+
+@dataclass(frozen=True)
+class SubjectDoc:
+    """One row of the subject catalogue: the pattern, who publishes, what flows there."""
+
+    pattern: str
+    direction: str
+    description: str
+
+
+CATALOGUE: tuple[SubjectDoc, ...] = (
+    SubjectDoc("dev.{site}.{device}.{channel}", "device->site", "raw MQTT device payloads"),
+    SubjectDoc("evt.{site}.reading.{device}.{channel}", "site-local", "typed device readings"),
+    SubjectDoc("evt.{site}.alarm", "site-local", "alarms raised and cleared at the site"),
+    SubjectDoc("replay.{site}.{kind}.>", "site-local", "the edge-local replay log"),
+    SubjectDoc("local.{site}.{op}", "local operator->site", "site status, works offline"),
+    SubjectDoc("up.{site}.{kind}.>", "site->center", "replay-log forwarded events"),
+    SubjectDoc("down.{site}.{kind}", "center->site", "desired state / commands for one site"),
+    SubjectDoc("down.group.{group}.{kind}", "center->sites", "desired state for a group"),
+    SubjectDoc("down.all.{kind}", "center->sites", "desired state for every site"),
+    SubjectDoc("ctl.{service}.{op}", "operator->center", "operator requests"),
+    SubjectDoc("dlq.{scope}.{component}.{reason}", "any", "dead letters with their reason"),
+)

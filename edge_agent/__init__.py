@@ -1,0 +1,1 @@
+"""Edge agent: one subpackage per edge concern, mirroring `services/`."""

@@ -1,0 +1,271 @@
+"""`EdgeAgent`: one site's agent process: ingest, bridge, replay-log forwarder, alarms, status.
+
+Every part runs as a supervised task (a crash is logged and restarted with backoff); the agent
+talks only to its site's own nats-server, so it keeps working with the center unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+from bus import subjects
+from bus.client import Bus, BusConnectError
+from bus.config import NatsConfig, ReconnectPolicy
+from bus.forwarder import Forwarder, ForwarderConfig
+from bus.log import bind_process, get_logger
+from bus.replaylog import ReplayLog
+from bus.streams import (
+    dead_letter_stream,
+    ensure_stream,
+    site_events_stream,
+    site_ingest_stream,
+    site_replay_stream,
+)
+from edge_agent.alarms.local import LocalAlarms
+from edge_agent.config import AgentConfig
+from edge_agent.ingest.bridge import MqttBridge
+from edge_agent.ingest.worker import IngestTuning, IngestWorker
+from edge_agent.replay.monitor import ReplayMonitor
+from edge_agent.status.responder import StatusResponder, StatusSources
+
+RunFn = Callable[[asyncio.Event], Awaitable[None]]
+
+
+def agent_version() -> str:
+    try:
+        return metadata.version("edgebus")
+    except metadata.PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """Backoff between restarts of a crashed part; reset once a part ran `healthy_s`."""
+
+    min_s: float = 0.5
+    max_s: float = 30.0
+    healthy_s: float = 60.0
+    # How long one part may take to stop before it is cancelled.
+    stop_timeout_s: float = 10.0
+
+
+def replay_log_for(config: AgentConfig, bus: Bus) -> ReplayLog:
+    """The site's replay log, bounded and paced as `config.replay` says."""
+    replay = config.replay
+    spec = site_replay_stream(
+        config.site, max_bytes=replay.max_bytes, max_age_s=replay.max_age_s, policy=replay.policy
+    )
+    return ReplayLog(
+        bus.nc, config.site, spec, batch_size=replay.batch_size, ack_wait_s=replay.ack_wait_s
+    )
+
+
+def forwarder_config(config: AgentConfig) -> ForwarderConfig:
+    replay = config.replay
+    return ForwarderConfig(
+        batch_size=replay.batch_size,
+        publish_timeout_s=replay.publish_timeout_s,
+        backoff_min_s=replay.backoff_min_s,
+        backoff_max_s=replay.backoff_max_s,
+        fetch_timeout_s=0.5,
+    )
+
+
+def ingest_tuning(config: AgentConfig) -> IngestTuning:
+    batch = config.replay.batch_size
+    # A crashed agent's in-flight device messages come back after ack_wait: keep it short.
+    return IngestTuning(
+        batch_size=batch, max_ack_pending=4 * batch, ack_wait_s=config.replay.ack_wait_s
+    )
+
+
+async def _wait(stop: asyncio.Event, timeout: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=timeout)
+
+
+class EdgeAgent:
+    """The edge agent of one site. `await EdgeAgent(config).run(stop)` until `stop` is set."""
+
+    def __init__(self, config: AgentConfig, restart: RestartPolicy | None = None) -> None:
+        self.config = config
+        self.site = subjects.site_id(config.site)
+        self.restart = restart or RestartPolicy()
+        self.version = agent_version()
+        self.started_at = datetime.now(UTC)
+        self.restarts: Counter[str] = Counter()
+        # Set once every part has been started (tests and the supervisor wait on it).
+        self.ready = asyncio.Event()
+        self.bus: Bus | None = None
+        self.ingest: IngestWorker | None = None
+        self.bridge: MqttBridge | None = None
+        self.forwarder: Forwarder | None = None
+        self.monitor: ReplayMonitor | None = None
+        self.alarms: LocalAlarms | None = None
+        self.status: StatusResponder | None = None
+        self._log = get_logger("edge_agent", site=self.site)
+
+    # -- the whole run ---------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        bind_process(site=self.site)
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        bus = await self._connect(stop)
+        if bus is None:
+            return
+        self.bus = bus
+        try:
+            replay_log = replay_log_for(self.config, bus)
+            if not await self._declare(bus, replay_log, stop):
+                return
+            groups = self._build(bus, replay_log)
+            await self._run_groups(groups, stop)
+        finally:
+            await bus.close()
+            self._log.info("agent_stopped", restarts=dict(self.restarts))
+
+    async def _connect(self, stop: asyncio.Event) -> Bus | None:
+        """Connect to the site's server, retrying while it is down; None if stopped first."""
+        nats_config = NatsConfig.from_url(
+            self.config.nats_url,
+            name=f"edge-agent-{self.site}",
+            credentials=self.config.credentials,
+            # Per-site inboxes: replies crossing the leaf link stay within this site's
+            # permissions (see the auth notes).
+            inbox_prefix=f"_INBOX.{self.site}",
+            connect_timeout_s=5.0,
+            reconnect=ReconnectPolicy(max_attempts=-1, wait_s=0.25),
+        )
+        delay = self.restart.min_s
+        while not stop.is_set():
+            try:
+                return await Bus.connect(nats_config, scope=self.site, source=f"/sites/{self.site}")
+            except BusConnectError as exc:
+                self._log.warning("site_server_unreachable", error=str(exc), retry_in_s=delay)
+            await _wait(stop, delay)
+            delay = min(delay * 2, self.restart.max_s)
+        return None
+
+    async def _declare(self, bus: Bus, replay_log: ReplayLog, stop: asyncio.Event) -> bool:
+        """Create the site's streams (idempotent); retried while JetStream is not ready."""
+        delay = self.restart.min_s
+        while not stop.is_set():
+            try:
+                for spec in (
+                    site_ingest_stream(),
+                    site_events_stream(self.site),
+                    dead_letter_stream(self.site),
+                ):
+                    await ensure_stream(bus.js, spec)
+                await replay_log.declare()
+                return True
+            except Exception as exc:
+                self._log.warning("declare_failed", error=repr(exc), retry_in_s=delay)
+            await _wait(stop, delay)
+            delay = min(delay * 2, self.restart.max_s)
+        return False
+
+    def _build(self, bus: Bus, replay_log: ReplayLog) -> list[list[tuple[str, RunFn]]]:
+        """Every part, in groups stopped in this order: inputs first, status last."""
+        config = self.config
+        self.ingest = IngestWorker(bus, replay_log, config, ingest_tuning(config))
+        self.alarms = LocalAlarms(bus, replay_log, self.site)
+        self.forwarder = Forwarder(
+            bus.nc, self.site, forwarder_config(config), dead_letters=bus.dead_letters
+        )
+        self.monitor = ReplayMonitor(self.forwarder, replay_log, self.alarms, config.replay)
+        self.status = StatusResponder(
+            bus,
+            self.site,
+            self._status_sources(),
+            agent_version=self.version,
+            started_at=self.started_at,
+        )
+        inputs: list[tuple[str, RunFn]] = []
+        if config.external_broker is not None:
+            self.bridge = MqttBridge(bus, config)
+            inputs.append(("bridge", self.bridge.run))
+        return [
+            inputs,
+            [("ingest", self.ingest.run)],
+            [("forwarder", self.forwarder.run)],
+            [("monitor", self.monitor.run)],
+            [("status", self.status.run)],
+        ]
+
+    def _status_sources(self) -> StatusSources:
+        def ingest() -> dict[str, Any]:
+            return self.ingest.stats().as_dict() if self.ingest else {}
+
+        def replay() -> dict[str, Any]:
+            return dict(self.monitor.snapshot()) if self.monitor else {}
+
+        def alarms() -> list[str]:
+            return list(self.alarms.active_ids()) if self.alarms else []
+
+        def dead_letters() -> dict[str, int]:
+            return dict(self.bus.dead_letters.counts) if self.bus else {}
+
+        return StatusSources(
+            ingest=ingest, replay=replay, active_alarms=alarms, dead_letters=dead_letters
+        )
+
+    async def _run_groups(self, groups: list[list[tuple[str, RunFn]]], stop: asyncio.Event) -> None:
+        running: list[tuple[asyncio.Event, list[asyncio.Task[None]]]] = []
+        for group in groups:
+            group_stop = asyncio.Event()
+            tasks = [
+                asyncio.create_task(self._supervise(name, fn, group_stop), name=name)
+                for name, fn in group
+            ]
+            running.append((group_stop, tasks))
+        self.ready.set()
+        self._log.info(
+            "agent_started",
+            version=self.version,
+            parts=[name for group in groups for name, _ in group],
+            external_broker=self.config.external_broker is not None,
+        )
+        try:
+            await stop.wait()
+        finally:
+            for group_stop, tasks in running:
+                group_stop.set()
+                await self._finish(tasks)
+
+    async def _finish(self, tasks: list[asyncio.Task[None]]) -> None:
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks, timeout=self.restart.stop_timeout_s)
+        for task in late:
+            self._log.warning("part_stop_timeout", part=task.get_name())
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _supervise(self, name: str, run: RunFn, stop: asyncio.Event) -> None:
+        """Run one part until `stop`; a crash or an early return is logged and restarted."""
+        delay = self.restart.min_s
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                await run(stop)
+                if stop.is_set():
+                    return
+                self._log.error("part_exited", part=name)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._log.exception("part_crashed", part=name, error=repr(exc))
+            self.restarts[name] += 1
+            if time.monotonic() - started >= self.restart.healthy_s:
+                delay = self.restart.min_s
+            await _wait(stop, delay)
+            delay = min(delay * 2, self.restart.max_s)

@@ -1,0 +1,1 @@
+"""Center services: one subpackage per concern (controller, sync, alarms, ...)."""
