@@ -25,6 +25,7 @@ from nats.aio.client import Client as NatsClient
 from bus import subjects
 
 __all__ = [
+    "CLAIMS_UPDATE",
     "SITE_GROUP_TAG",
     "SITE_ROLE",
     "SITE_TAG",
@@ -34,6 +35,7 @@ __all__ = [
     "SiteIdentity",
     "account_claims",
     "account_lookup",
+    "bootstrap_user_claims",
     "check_public_key",
     "creds_text",
     "decode_jwt",
@@ -316,6 +318,35 @@ def service_user_claims(user: str, *, name: str, account: str | None = None) -> 
     return {"sub": check_public_key(user, KeyKind.USER), "name": name, "nats": nats}
 
 
+def bootstrap_user_claims(user: str, *, account: str) -> dict[str, Any]:
+    """The shared bootstrap user: may only ask to onboard and read onboarding replies.
+
+    Sharing one user across every token is safe because an onboarding reply is worth
+    nothing to an eavesdropper: the user JWT in it names the site's own public key and
+    is useless without the site's seed, which never leaves the site. The reply's other
+    fields (group, labels, leaf URLs, desired config) are readable by any holder of the
+    bootstrap creds, so they must never carry secrets. A plain client connection only:
+    the creds cannot open a leaf node, websocket or MQTT session.
+    """
+    perms = subjects.bootstrap_permissions()
+    return {
+        "sub": check_public_key(user, KeyKind.USER),
+        "name": "edgebus-bootstrap",
+        "nats": {
+            "type": "user",
+            "version": _CLAIMS_VERSION,
+            "issuer_account": account,
+            "pub": {"allow": list(perms.publish)},
+            "sub": {"allow": list(perms.subscribe)},
+            "allowed_connection_types": ["STANDARD"],
+            # An onboarding request is well under 1 KiB; nothing else is published.
+            "subs": 16,
+            "data": -1,
+            "payload": 64 * 1024,
+        },
+    }
+
+
 # -- creds files ----------------------------------------------------------------------
 
 _CREDS_TEMPLATE = """-----BEGIN NATS USER JWT-----
@@ -557,6 +588,25 @@ class CredentialAuthority:
         claims = service_user_claims(public_key(seed), name=name, account=self.edge_account)
         return creds_text(encode_jwt(claims, self._keys.signing), seed)
 
+    @property
+    def bootstrap_user_key(self) -> str:
+        """Public key of the shared bootstrap user (revoke it to void every token's creds)."""
+        return public_key(self._load_seed("bootstrap", KeyKind.USER))
+
+    def issue_bootstrap_credentials(self) -> str:
+        """Creds text for the ONE bootstrap user every bootstrap token carries.
+
+        Its key is kept in the directory, so every call names the same user and one
+        revocation (`revoke(bootstrap_user_key)`) voids the creds of every token minted;
+        the next call then makes a new key (re-issuing the revoked one would revive it).
+        """
+        seed = self._load_seed("bootstrap", KeyKind.USER)
+        if public_key(seed) in self._revocations:
+            write_private(self.directory / "bootstrap.nk", new_seed(KeyKind.USER))
+            seed = self._load_seed("bootstrap", KeyKind.USER)
+        claims = bootstrap_user_claims(public_key(seed), account=self.edge_account)
+        return creds_text(encode_jwt(claims, self._keys.signing), seed)
+
     def system_credentials(self) -> str:
         """Creds text for a system-account user: it can push account JWTs. Center only."""
         seed = new_seed(KeyKind.USER)
@@ -564,8 +614,9 @@ class CredentialAuthority:
         return creds_text(encode_jwt(claims, self._keys.system), seed)
 
     def revoke(self, user_public_key: str) -> str:
-        """Revoke every JWT issued so far to this user key; returns the new account JWT
-        (push it with push_account_update so connected servers drop the user)."""
+        """Revoke every EDGE-account JWT issued so far to this user key (a site or a
+        service); returns the new account JWT: push it (`push`) and connected servers
+        drop the user at once. Persisted, so the revocation outlives this process."""
         check_public_key(user_public_key, KeyKind.USER)
         self._revocations[user_public_key] = int(time.time())
         write_private(self._revocations_path, json.dumps(self._revocations, indent=1))

@@ -73,11 +73,23 @@ def connect_options(config: NatsConfig) -> dict[str, Any]:
 
 
 async def open_connection(config: NatsConfig, **callbacks: Any) -> NatsClient:
-    """Connect with the first attempt bounded as a whole (nats-py alone may hang)."""
+    """Connect with the first attempt bounded as a whole (nats-py alone may hang).
+
+    nats-py keeps retrying a refused login until the bound; the server's last answer
+    (e.g. "Authorization Violation") is kept so the error says why, not only "timeout".
+    """
     log = get_logger("bus.connection", connection=config.name)
+    errors: list[Exception] = []
+    user_error_cb = callbacks.pop("error_cb", None)
+
+    async def remember_error(exc: Exception) -> None:
+        errors.append(exc)
+        if user_error_cb is not None:
+            await user_error_cb(exc)
+
     try:
         return await asyncio.wait_for(
-            nats.connect(**connect_options(config), **callbacks),
+            nats.connect(**connect_options(config), error_cb=remember_error, **callbacks),
             timeout=config.connect_timeout_s,
         )
     except Exception as exc:
@@ -88,6 +100,8 @@ async def open_connection(config: NatsConfig, **callbacks: Any) -> NatsClient:
             if isinstance(exc, TimeoutError)
             else str(exc) or repr(exc)
         )
+        if errors:
+            reason += f" (last server answer: {errors[-1]})"
         raise BusConnectError(
             f"could not connect to {', '.join(config.servers)}: {reason}"
         ) from exc

@@ -83,7 +83,15 @@ class ForwarderStats:
 
 @dataclass(frozen=True)
 class BacklogStats:
-    """The replay log as JetStream sees it, plus what this forwarder knows of drops."""
+    """The replay log as JetStream sees it, plus what this forwarder knows of drops.
+
+    `dropped` counts stream sequences that vanished (drop-oldest, max age) without reaching
+    the center: those passed over since the watermark (the consumer's ack floor at start,
+    then each entry this forwarder settled) plus those gone below the log's first stored
+    entry right now. Entries in the forwarder's hands are not lost (it has their bytes).
+    Exact within one forwarder process; across a restart, a killed forwarder's unacked batch
+    that the log then dropped is not counted (JetStream moves the ack floor over it).
+    """
 
     depth: int  # entries not yet at the center: undelivered + delivered but unacked
     messages: int
@@ -123,6 +131,13 @@ def classify(result: PubAck | BaseException) -> Outcome:
     return Outcome.FAILED
 
 
+def describe(error: BaseException) -> str:
+    """An error as text that keeps JetStream's code and description (its repr drops them)."""
+    if isinstance(error, APIError):
+        return f"{type(error).__name__} {error.code}/{error.err_code}: {error.description}"
+    return repr(error)
+
+
 def reached_center(result: PubAck | BaseException) -> bool:
     """A PubAck or a JetStream error reply both prove the center answered."""
     return isinstance(result, PubAck | APIError)
@@ -159,6 +174,35 @@ def backoff_delay(failures: int, minimum: float, maximum: float) -> float:
     if failures <= 0:
         return 0.0
     return float(min(maximum, minimum * 2 ** min(failures - 1, 32)))
+
+
+class OrderWatch:
+    """Spots order violations at the center from batch outcomes alone (no extra round trip).
+
+    A failed entry that a later one of its batch overtook is "at risk"; if its resend is then
+    stored fresh (not a duplicate), the center got it after the later one: a violation.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._at_risk: dict[str, None] = {}  # event ids, oldest first
+        self.violations = 0
+
+    def observe(self, event_ids: Sequence[str], outcomes: Sequence[Outcome]) -> list[str]:
+        """Record one batch's outcomes; returns the event ids found stored out of order."""
+        found: list[str] = []
+        for event_id, outcome in zip(event_ids, outcomes, strict=True):
+            if outcome is Outcome.FAILED or event_id not in self._at_risk:
+                continue
+            del self._at_risk[event_id]
+            if outcome is Outcome.STORED:
+                found.append(event_id)
+        for index in overtaken(outcomes):
+            self._at_risk[event_ids[index]] = None
+        while len(self._at_risk) > self._capacity:
+            del self._at_risk[next(iter(self._at_risk))]
+        self.violations += len(found)
+        return found
 
 
 # -- pulling batches from the durable consumer ----------------------------------------
@@ -258,7 +302,7 @@ class _Puller:
 # -- the forwarder -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Entry:
     msg: Msg
     seq: int
@@ -304,15 +348,16 @@ async def _sleep_unless_stopped(stop: asyncio.Event, delay: float) -> None:
 class Forwarder:
     """Moves the REPLAY stream of one site to the center, batch by batch, in stream order.
 
-    Guarantees, given one forwarder per site and the center's duplicate window (6 h) covering
-    outage + ack_wait:
-    - nothing is acked locally before the center acked it (so a crash re-sends, never loses);
+    Guarantees, given one forwarder per site and a center duplicate window (6 h) longer than
+    any outage + ack_wait:
+    - an entry is acked locally only after the center acked it: a crash re-sends, never loses;
     - re-sends are absorbed by the center's dedup on `Nats-Msg-Id` = event id;
-    - the center receives entries in stream order (hence per-key/device order): a batch is
-      acked up to its first failure and the rest nak'ed in order; after any failure one entry
-      at a time is sent until one gets through; and an entry is never sent while an older one
-      is still held unacked elsewhere (a killed forwarder's batch): it waits for the
-      redelivery instead. Any remaining violation is detected and counted.
+    - the center gets entries in stream order (so per key/device): a batch is acked up to its
+      first failure; the rest stays in hand (unacked, kept alive with +WPI) and is retried by
+      this forwarder itself, one entry at a time until one gets through, then all of it,
+      before anything new is fetched. An entry is never sent while an older one is still
+      unacked elsewhere (a killed forwarder's batch): it waits for that redelivery instead.
+      Any violation that still happens is detected and counted (`order_violations`).
     """
 
     def __init__(
@@ -334,10 +379,12 @@ class Forwarder:
         # Highest stream sequence settled (forwarded, dead-lettered or known dropped); every
         # entry at or below it is done. None until read from the consumer's ack floor.
         self._watermark: int | None = None
-        self._inflight_low: int | None = None
+        self._ack_wait_s = 30.0  # the consumer's, read with the watermark
+        # Delivered to us, in order, not yet at the center: retried before any fetch.
+        self._held: list[_Entry] = []
+        self._inflight: list[_Entry] = []  # the batch being published right now
         self._probing = True  # the link may just be coming up: start with one entry
-        # Event ids of failed entries a later entry overtook (see `overtaken`), oldest first.
-        self._at_risk: dict[str, None] = {}
+        self._order = OrderWatch(capacity=4 * self.config.batch_size)
         self._rate = _RateMeter()
         self._link_up: bool | None = None
         self._link_down_since: float | None = None
@@ -349,7 +396,6 @@ class Forwarder:
         self._failures = 0
         self._consecutive = 0
         self._last_error: str | None = None
-        self._order_violations = 0
         self._dropped = 0
         self._fetches = 0
         self._publishes = 0
@@ -368,7 +414,7 @@ class Forwarder:
             last_error=self._last_error,
             link_up=self._link_up,
             rate_per_s=self._rate.rate(),
-            order_violations=self._order_violations,
+            order_violations=self._order.violations,
             dropped_seen=self._dropped,
             fetches=self._fetches,
             publishes=self._publishes,
@@ -390,17 +436,19 @@ class Forwarder:
             if oldest is not None and oldest.time is not None:
                 age = max(0.0, (datetime.now(UTC) - oldest.time).total_seconds())
         # Entries between the watermark and the first stored one are gone without having
-        # been forwarded: dropped. Those in flight right now are not counted yet.
+        # been forwarded: dropped. Those in our hands right now are not counted.
+        # Entries in our hands are not lost even if the log dropped them meanwhile: we have
+        # their bytes and they go out next.
         gone_below = state.first_seq - 1
-        if self._inflight_low is not None:
-            gone_below = min(gone_below, self._inflight_low - 1)
+        hand = {entry.seq for entry in (*self._held, *self._inflight)}  # may overlap
+        in_hand = sum(1 for seq in hand if watermark < seq <= gone_below)
         return BacklogStats(
             depth=depth,
             messages=state.messages,
             bytes=state.bytes,
             max_bytes=stream.config.max_bytes if stream.config.max_bytes is not None else -1,
             oldest_unsent_age_s=age,
-            dropped=self._dropped + max(0, gone_below - watermark),
+            dropped=self._dropped + max(0, gone_below - watermark - in_hand),
             first_seq=state.first_seq,
             last_seq=state.last_seq,
         )
@@ -409,13 +457,21 @@ class Forwarder:
         """Forward until `stop` is set; never raises for link, center or log failures."""
         await self._publisher.start()
         await self._puller.start()
+        self._rate = _RateMeter()
         self._log.info("forwarder_started", batch_size=self.config.batch_size)
         try:
             while not stop.is_set():
-                delay = await self._step(stop)
+                try:
+                    delay = await self._step(stop)
+                except Exception as exc:  # a bug or an unforeseen error: keep forwarding
+                    self._log.exception("forwarder_step_failed")
+                    delay = self._failure(f"unexpected: {exc!r}")
                 if delay > 0:
-                    await _sleep_unless_stopped(stop, delay)
+                    await self._sleep_holding(stop, delay)
         finally:
+            # Hand back what we hold, in order, so a successor gets it at once.
+            await self._nak_all([entry.msg for entry in self._held])
+            self._held = []
             await self._puller.close()
             await self._publisher.close()
             self._log.info("forwarder_stopped", forwarded=self._forwarded)
@@ -424,12 +480,23 @@ class Forwarder:
 
     async def _step(self, stop: asyncio.Event) -> float:
         """Forward one batch; returns how long to back off before the next one."""
+        if self._held:
+            # After a failure: the oldest held entry alone until one gets through, then all.
+            return await self._forward(self._held[:1] if self._probing else self._held)
         if self._watermark is None:
             try:
                 info = await self._js.consumer_info(STREAM, FORWARDER_CONSUMER)
             except Exception as exc:
                 return self._local_failure(f"replay log not readable: {exc!r}")
             self._watermark = info.ack_floor.stream_seq if info.ack_floor else 0
+            self._ack_wait_s = float(info.config.ack_wait or self._ack_wait_s)
+            if self.config.publish_timeout_s >= self._ack_wait_s / 2:
+                # A batch could then be redelivered while its center acks are still awaited.
+                self._log.warning(
+                    "publish_timeout_too_long",
+                    publish_timeout_s=self.config.publish_timeout_s,
+                    ack_wait_s=self._ack_wait_s,
+                )
         size = 1 if self._probing else self.config.batch_size
         try:
             msgs = await self._puller.fetch(size, self.config.fetch_timeout_s, stop)
@@ -444,8 +511,7 @@ class Forwarder:
         self._fetches += 1
         try:
             ready, blocked = await self._in_order(msgs)
-        except Exception as exc:
-            await self._nak_all(sorted(msgs, key=_stream_seq))
+        except Exception as exc:  # left unacked: they come back after ack_wait, in order
             return self._local_failure(f"replay log not readable: {exc!r}")
         delay = await self._forward(ready) if ready else 0.0
         if blocked:
@@ -456,15 +522,18 @@ class Forwarder:
         """The entries that may go now, in stream order, and (if any) the blocking older seq.
 
         An entry may go only if every entry between the watermark and it is gone (dropped by
-        the log's limits, counted) — not merely delivered to someone else: a forwarder killed
+        the log's limits, counted) -- not merely delivered to someone else: a forwarder killed
         mid-batch leaves its entries unacked until ack_wait, and meanwhile the consumer hands
         us newer ones. Those are left unacked too (they expire after the older ones).
         """
         assert self._watermark is not None
         previous = self._watermark
         ready: list[_Entry] = []
-        for msg in sorted(msgs, key=_stream_seq):
-            seq = _stream_seq(msg)
+        seqs = [_stream_seq(msg) for msg in msgs]
+        if any(a > b for a, b in itertools.pairwise(seqs)):  # redeliveries can come unsorted
+            pairs = sorted(zip(seqs, msgs, strict=True), key=lambda pair: pair[0])
+            seqs, msgs = [seq for seq, _ in pairs], [msg for _, msg in pairs]
+        for seq, msg in zip(seqs, msgs, strict=True):
             if seq <= self._watermark:
                 # Forwarded already; its ack never reached the server. Settle it again.
                 await msg.ack()
@@ -483,6 +552,7 @@ class Forwarder:
         return ready, 0
 
     async def _forward(self, entries: list[_Entry]) -> float:
+        """Publish `entries` (the oldest in hand), ack the settled prefix, hold the rest."""
         futures: list[asyncio.Future[PubAck]] = []
         for entry in entries:
             try:
@@ -498,58 +568,56 @@ class Forwarder:
                 )
             )
         self._publishes += len(entries)
-        self._inflight_low = entries[0].seq
+        self._inflight = entries
         try:
             results = await self._publisher.wait(futures, self.config.publish_timeout_s)
             outcomes = [classify(result) for result in results]
             settled = settled_prefix(outcomes)
-            self._check_order(entries, outcomes, settled)
+            self._check_order(entries, outcomes)
             settled = await self._dead_letter_rejected(entries, results, outcomes, settled)
-            # Acks and naks are queued back to back, with no await that yields in between,
-            # so they leave in one write: a kill cannot ack a prefix yet strand the naks.
+            acked = 0
             for entry in entries[:settled]:
-                await entry.msg.ack()
+                try:
+                    await entry.msg.ack()
+                except Exception as exc:  # not even queued (connection closed): see below
+                    self._log.warning("local_ack_failed", seq=entry.seq, error=repr(exc))
+                    break
+                acked += 1
                 self._dropped += entry.gap
                 self._watermark = entry.seq
-            await self._nak_all([entry.msg for entry in entries[settled:]])
+            # `entries` is either the head of what we hold or a fresh batch (nothing held).
+            # Unacked entries stay in hand and go first next time; an entry whose ack could
+            # not be queued is sent again (a duplicate the center absorbs).
+            self._held = entries[acked:] + self._held[len(entries) :]
         finally:
-            self._inflight_low = None
+            self._inflight = []
         stored = sum(1 for o in outcomes[:settled] if o is Outcome.STORED)
         duplicates = sum(1 for o in outcomes[:settled] if o is Outcome.DUPLICATE)
         self._stored += stored
         self._duplicates += duplicates
         self._forwarded += stored + duplicates
         self._rate.add(stored + duplicates)
-        self._set_link(any(reached_center(result) for result in results), results)
+        attempted = [r for r in results if not isinstance(r, Unforwardable)]
+        if attempted:
+            self._set_link(any(reached_center(result) for result in attempted), attempted)
         if settled == len(entries):
             self._succeeded()
             return 0.0
         error = results[settled]
         self._probing = True
         return self._failure(
-            f"entry seq {entries[settled].seq} not forwarded: {error!r}"
+            f"entry seq {entries[settled].seq} not forwarded: {describe(error)}"
             if isinstance(error, BaseException)
             else f"entry seq {entries[settled].seq}: dead-letter store failed"
         )
 
-    def _check_order(
-        self, entries: list[_Entry], outcomes: list[Outcome], settled: int
-    ) -> None:
-        for entry, outcome in zip(entries[:settled], outcomes[:settled], strict=True):
-            if entry.event_id in self._at_risk:
-                del self._at_risk[entry.event_id]
-                if outcome is Outcome.STORED:
-                    self._order_violations += 1
-                    self._log.error(
-                        "order_violation",
-                        event_id=entry.event_id,
-                        seq=entry.seq,
-                        detail="re-sent entry stored after a later one of its first batch",
-                    )
-        for index in overtaken(outcomes):
-            self._at_risk[entries[index].event_id] = None
-        while len(self._at_risk) > 4 * self.config.batch_size:
-            del self._at_risk[next(iter(self._at_risk))]
+    def _check_order(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
+        for event_id in self._order.observe([e.event_id for e in entries], outcomes):
+            self._log.error(
+                "order_violation",
+                event_id=event_id,
+                detail="re-sent entry stored at the center after a later one of its batch",
+            )
 
     async def _dead_letter_rejected(
         self,
@@ -569,15 +637,27 @@ class Forwarder:
                 subject=entry.msg.subject,
                 data=entry.msg.data,
                 reason=DEAD_LETTER_REASON,
-                detail=repr(results[index]),
+                detail=describe(_as_error(results[index])),
                 headers=dict(entry.msg.headers or {}),
                 event_id=entry.event_id,
                 seq=entry.seq,
             )
             if self._dead_letters.store_failures != failures_before:
-                return index  # keep it (and what follows) in the log; retried after a backoff
+                return index  # keep it (and what follows) in hand; retried after a backoff
             self._dead_lettered += 1
         return settled
+
+    async def _sleep_holding(self, stop: asyncio.Event, delay: float) -> None:
+        """Back off; entries in hand are kept from expiring (+WPI) at a third of ack_wait."""
+        deadline = time.monotonic() + delay
+        while not stop.is_set():
+            for entry in self._held:
+                with contextlib.suppress(Exception):
+                    await entry.msg.in_progress()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            await _sleep_unless_stopped(stop, min(remaining, self._ack_wait_s / 3))
 
     async def _nak_all(self, msgs: Sequence[Msg]) -> None:
         for msg in msgs:
@@ -599,7 +679,7 @@ class Forwarder:
             self._log.info("redelivery_arrived", watermark=self._watermark)
             self._waiting = False
         self._consecutive = 0
-        self._probing = False
+        self._probing = False  # one got through: the rest of what we hold goes as one batch
 
     def _failure(self, error: str) -> float:
         self._failures += 1
@@ -637,14 +717,17 @@ class Forwarder:
         previous, self._link_up = self._link_up, up
         now = time.monotonic()
         if up:
-            outage = None if self._link_down_since is None else round(now - self._link_down_since, 3)
-            self._link_down_since = None
+            down_since, self._link_down_since = self._link_down_since, None
+            outage = None if down_since is None else round(now - down_since, 3)
             self._log.info("center_link_up", outage_s=outage, watermark=self._watermark)
         else:
             self._link_down_since = now
             error = next((r for r in results if isinstance(r, BaseException)), None)
             self._log.warning(
-                "center_link_down", error=repr(error), was_up=previous, watermark=self._watermark
+                "center_link_down",
+                error=describe(error) if error else None,
+                was_up=previous,
+                watermark=self._watermark,
             )
 
 
@@ -655,7 +738,19 @@ class _StoredHead:
 
 
 def _stream_seq(msg: Msg) -> int:
+    """The entry's stream sequence, read straight from its ack subject (hot path)."""
+    tokens = (msg.reply or "").split(".")
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>... or, with domain and account hash,
+    # $JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>.<sseq>...
+    if len(tokens) == 9 and tokens[1] == "ACK":
+        return int(tokens[5])
+    if len(tokens) >= 11 and tokens[1] == "ACK":
+        return int(tokens[7])
     return int(msg.metadata.sequence.stream)
+
+
+def _as_error(result: PubAck | BaseException) -> BaseException:
+    return result if isinstance(result, BaseException) else RuntimeError(str(result))
 
 
 def _failed_future(exc: BaseException) -> asyncio.Future[PubAck]:

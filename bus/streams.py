@@ -182,3 +182,53 @@ def uplink_stream(kind: str, *, max_age_s: float = 7 * DAY_S, max_bytes: int = -
         duplicate_window_s=UPLINK_DUPLICATE_WINDOW_S,
         description=f"{kind} events forwarded from sites",
     )
+
+
+# -- controller (center) ---------------------------------------------------------------
+
+
+def site_events_center_stream(max_age_s: float = 30 * DAY_S) -> StreamSpec:
+    """History of what the controller observed about sites (availability transitions)."""
+    return StreamSpec(
+        name="SITE_EVENTS",
+        subjects=(subjects.center_sites_all(),),
+        max_age_s=max_age_s,
+        max_bytes=1024**3,
+        description="site availability transitions and other registry events",
+    )
+
+
+def audit_stream(max_age_s: float = 365 * DAY_S) -> StreamSpec:
+    """Who did what to which site (onboarding allowed/refused, add, change, delete)."""
+    return StreamSpec(
+        name="AUDIT",
+        subjects=(subjects.audit_all(),),
+        max_age_s=max_age_s,
+        max_bytes=1024**3,
+        description="audit trail of onboarding and registry changes",
+    )
+
+
+def center_alarm_stream(max_age_s: float = 30 * DAY_S) -> StreamSpec:
+    """Alarms raised at the center about sites (the Alarms service aggregates them)."""
+    return StreamSpec(
+        name="CENTER_ALARMS",
+        subjects=(subjects.center_alarm_all(),),
+        max_age_s=max_age_s,
+        max_bytes=1024**3,
+        description="alarms raised and cleared by center services",
+    )
+
+
+SITES_KV = KvSpec("SITES", description="site registry: key = site id, value = SiteRecord")
+BOOTSTRAP_TOKENS_KV = KvSpec(
+    "BOOTSTRAP_TOKENS", description="bootstrap tokens: key = site id, value = TokenRecord"
+)
+
+
+def controller_lease_kv(ttl_s: float) -> KvSpec:
+    """The controller leader lease: the key expires `ttl_s` after its holder's last renewal.
+
+    The TTL is fixed when the bucket is first created (an existing bucket keeps its own).
+    """
+    return KvSpec("CONTROLLER_LEASE", ttl_s=ttl_s, description="controller leader lease")

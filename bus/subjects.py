@@ -25,9 +25,14 @@ def token(value: str) -> str:
     return value
 
 
+# `down.<site>` shares its level with `down.group.` and `down.all.`: a site named "group"
+# would be granted `down.group.>`, every group's commands.
+RESERVED_SITE_IDS = frozenset({CENTER, "group", "all"})
+
+
 def site_id(value: str) -> str:
-    if value == CENTER:
-        raise SubjectError(f"{CENTER!r} is reserved and cannot be a site id")
+    if value in RESERVED_SITE_IDS:
+        raise SubjectError(f"{value!r} is reserved and cannot be a site id")
     return token(value)
 
 
@@ -121,6 +126,25 @@ def up_all(kind: str) -> str:
     return f"up.*.{token(kind)}.>"
 
 
+def up_each(kind: str) -> str:
+    """`up.*.<kind>`: one event kind from every site, without deeper tokens (heartbeats)."""
+    return f"up.*.{token(kind)}"
+
+
+def parse_up(subject: str) -> tuple[str, str] | None:
+    """(site, kind) of an `up.<site>.<kind>[...]` subject, or None if it has another shape.
+
+    The subject, not the payload, says which site sent it: per-site permissions scope
+    each site to `up.<own id>.>`, so a payload naming another site is an impersonation.
+    """
+    parts = subject.split(".")
+    if len(parts) < 3 or parts[0] != "up" or not all(_TOKEN.match(p) for p in parts[1:3]):
+        return None
+    if parts[1] == CENTER:
+        return None
+    return parts[1], parts[2]
+
+
 # -- center -> sites --------------------------------------------------------------
 
 
@@ -139,8 +163,40 @@ def down_all(kind: str) -> str:
 # -- operator requests ------------------------------------------------------------
 
 
-def control(service: str, op: str) -> str:
-    return f"ctl.{token(service)}.{token(op)}"
+def control(service: str, op: str, *rest: str) -> str:
+    """`ctl.<service>.<op>[.<rest>...]`, e.g. `control("controller", "sites", "add")`."""
+    tail = "".join(f".{token(part)}" for part in rest)
+    return f"ctl.{token(service)}.{token(op)}{tail}"
+
+
+# -- center-side event history (the controller and later center services) -----------------
+
+
+def site_availability(site: str) -> str:
+    """A site's availability transitions, published by the controller."""
+    return f"center.sites.availability.{site_id(site)}"
+
+
+def center_sites_all() -> str:
+    return "center.sites.>"
+
+
+def audit(action: str) -> str:
+    """Audit trail of operator and onboarding actions: `center.audit.<action>`."""
+    return f"center.audit.{token(action)}"
+
+
+def audit_all() -> str:
+    return "center.audit.>"
+
+
+def center_alarm(site: str) -> str:
+    """Alarms the center raises about a site (e.g. it went offline): `center.alarm.<site>`."""
+    return f"center.alarm.{site_id(site)}"
+
+
+def center_alarm_all() -> str:
+    return "center.alarm.>"
 
 
 # -- per-site permissions (rendered into each site's JWT by bus.auth) -------------------
@@ -195,6 +251,26 @@ def _id_or_template(value: str, check: Callable[[str], str]) -> str:
     return value if _TAG_TEMPLATE.match(value) else check(value)
 
 
+# -- onboarding (a site with only a bootstrap token, before it has its own identity) ----
+
+BOOTSTRAP_INBOX_ROOT = "_INBOX_bootstrap"
+
+
+def onboard() -> str:
+    """Where a new site sends its onboarding request (answered by the controller)."""
+    return control("controller", "onboard")
+
+
+def bootstrap_inbox_prefix(nonce: str) -> str:
+    """nats-py `inbox_prefix` of one onboarding connection: `_INBOX_bootstrap.<nonce>`."""
+    return f"{BOOTSTRAP_INBOX_ROOT}.{token(nonce)}"
+
+
+def bootstrap_permissions() -> SitePermissions:
+    """All the shared bootstrap user may do: ask to onboard and read onboarding replies."""
+    return SitePermissions(publish=(onboard(),), subscribe=(f"{BOOTSTRAP_INBOX_ROOT}.>",))
+
+
 # -- dead letters -----------------------------------------------------------------
 
 
@@ -226,6 +302,14 @@ CATALOGUE: tuple[SubjectDoc, ...] = (
     SubjectDoc("down.{site}.{kind}", "center->site", "desired state / commands for one site"),
     SubjectDoc("down.group.{group}.{kind}", "center->sites", "desired state for a group"),
     SubjectDoc("down.all.{kind}", "center->sites", "desired state for every site"),
+    SubjectDoc("up.{site}.heartbeat", "site->center", "heartbeat + inventory (core, not stored)"),
     SubjectDoc("ctl.{service}.{op}", "operator->center", "operator requests"),
+    SubjectDoc("ctl.controller.onboard", "site->center", "onboarding with a bootstrap token"),
+    SubjectDoc("center.sites.availability.{site}", "center", "site availability transitions"),
+    SubjectDoc("center.audit.{action}", "center", "audit trail (onboarding, registry changes)"),
+    SubjectDoc("center.alarm.{site}", "center", "alarms the center raises about a site"),
+    SubjectDoc("_INBOX.{site}.>", "center->site", "replies and PubAcks for one site"),
+    SubjectDoc("_INBOX_center.{site}.>", "site->center", "replies to center->site requests"),
+    SubjectDoc("_INBOX_bootstrap.{nonce}.>", "center->site", "onboarding replies (bootstrap)"),
     SubjectDoc("dlq.{scope}.{component}.{reason}", "any", "dead letters with their reason"),
 )

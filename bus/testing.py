@@ -96,6 +96,9 @@ class EdgeTopology:
         """
         if site_id in self._sites:
             raise ValueError(f"site {site_id!r} already exists")
+        if self.authority is not None and credentials is None:
+            # Fail now rather than wait out `timeout` for a leaf the hub will refuse.
+            raise ValueError(f"the hub requires creds: add_site({site_id!r}, credentials=...)")
         hub = self.hub
         proxy = self._start_proxy(site_id, hub) if via_proxy else None
         workdir = self.base_dir / "sites" / site_id

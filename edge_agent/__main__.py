@@ -34,6 +34,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--max-payload-bytes", type=int, default=IngestLimits().max_payload_bytes)
     p.add_argument("--credentials", type=Path, help="NATS credentials file for the site server")
+    p.add_argument(
+        "--heartbeat-interval-s", type=float, default=30.0, help="seconds between heartbeats"
+    )
     p.add_argument("--log-level", default="info")
     return p
 
@@ -53,6 +56,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         replay=replay,
         external_broker=ExternalBroker.from_url(args.mqtt_broker) if args.mqtt_broker else None,
         credentials=args.credentials,
+        heartbeat_interval_s=args.heartbeat_interval_s,
     )
 
 

@@ -61,3 +61,4 @@ class AgentConfig:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     external_broker: ExternalBroker | None = None
     credentials: Path | None = None
+    heartbeat_interval_s: float = 30.0  # the center's choice, given at onboarding

@@ -11,7 +11,7 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
@@ -209,13 +209,20 @@ class EdgeAgent:
             return dict(self.monitor.snapshot()) if self.monitor else {}
 
         def alarms() -> list[str]:
-            return list(self.alarms.active_ids()) if self.alarms else []
+            return [alarm.alarm_id for alarm in self.alarms.active()] if self.alarms else []
 
         def dead_letters() -> dict[str, int]:
             return dict(self.bus.dead_letters.counts) if self.bus else {}
 
+        def bridge() -> dict[str, int]:
+            return asdict(self.bridge.stats()) if self.bridge else {}
+
         return StatusSources(
-            ingest=ingest, replay=replay, active_alarms=alarms, dead_letters=dead_letters
+            ingest=ingest,
+            replay=replay,
+            active_alarms=alarms,
+            dead_letters=dead_letters,
+            bridge=bridge,
         )
 
     async def _run_groups(self, groups: list[list[tuple[str, RunFn]]], stop: asyncio.Event) -> None:

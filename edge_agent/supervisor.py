@@ -90,6 +90,7 @@ class SiteRunConfig:
     max_payload_bytes: int | None = None
     agent_log_level: str = "info"
     leaf_credentials: Path | None = None
+    heartbeat_interval_s: float | None = None  # from onboarding; None: the agent's default
     leaf_reconnect_s: float = 1.0  # how often the site server redials an unreachable center
     restart_backoff_min_s: float = 0.5
     restart_backoff_max_s: float = 30.0
@@ -107,6 +108,8 @@ class SiteRunConfig:
             )
         if self.replay_policy is not None and self.replay_policy not in ReplayFullPolicy.ALL:
             raise ValueError(f"replay policy must be one of {ReplayFullPolicy.ALL}")
+        if self.heartbeat_interval_s is not None and not self.heartbeat_interval_s > 0:
+            raise ValueError("heartbeat_interval_s must be positive")
         if not 0 < self.restart_backoff_min_s <= self.restart_backoff_max_s:
             raise ValueError("need 0 < restart_backoff_min_s <= restart_backoff_max_s")
         for name in ("nats_port", "monitor_port", "mqtt_port"):
@@ -261,6 +264,7 @@ def agent_command(config: SiteRunConfig, nats_url: str, agent_dir: Path) -> list
         ("--replay-policy", config.replay_policy),
         ("--batch-size", config.batch_size),
         ("--max-payload-bytes", config.max_payload_bytes),
+        ("--heartbeat-interval-s", config.heartbeat_interval_s),
     ]
     for flag, value in optional:
         if value is not None:

@@ -7,14 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 
 from bus.log import configure_logging
 from edgebus import __version__
+from schemas.controller import Availability, SiteChange, SiteRecord, SitesQuery
+
+if TYPE_CHECKING:
+    from bus.client import Bus
+    from schemas.controller import SitesAdded
+
+T = TypeVar("T")
 
 app = typer.Typer(help="edgebus: run many edge sites from one center.", no_args_is_help=True)
 schemas_app = typer.Typer(help="Versioned event schemas.", no_args_is_help=True)
@@ -25,7 +34,12 @@ site_app = typer.Typer(
 )
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(center_app, name="center")
+sites_app = typer.Typer(
+    help="The center's registry of sites: add (bootstrap tokens), list, show, manage, delete.",
+    no_args_is_help=True,
+)
 app.add_typer(site_app, name="site")
+app.add_typer(sites_app, name="sites")
 
 console = Console()
 
@@ -156,10 +170,30 @@ SiteDirOption = Annotated[
 
 @site_app.command("run")
 def site_run(
-    site: Annotated[str, typer.Option("--site", envvar="EDGEBUS_SITE", help="site id")],
+    site: Annotated[
+        str | None, typer.Option("--site", envvar="EDGEBUS_SITE", help="site id (token's if given)")
+    ] = None,
     center: Annotated[
-        str, typer.Option(envvar="EDGEBUS_CENTER", help="center leaf URL nats-leaf://HOST:PORT")
-    ],
+        str | None,
+        typer.Option(
+            envvar="EDGEBUS_CENTER",
+            help="with a token: the center's nats://HOST:PORT for onboarding (default: the "
+            "token's); without: its leaf URL nats-leaf://HOST:PORT (development, no auth)",
+        ),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="EDGEBUS_TOKEN", help="bootstrap token: onboard on first run"),
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(help="read the bootstrap token from this file")
+    ] = None,
+    leaf_url: Annotated[
+        str | None, typer.Option(help="override the leaf URL the center gave at onboarding")
+    ] = None,
+    onboard_timeout_s: Annotated[
+        float, typer.Option(help="give up onboarding after this long (0: keep trying)")
+    ] = 0.0,
     data_dir: SiteDirOption = None,
     host: Annotated[str, typer.Option(help="address every site listener binds")] = "127.0.0.1",
     nats_port: Annotated[int, typer.Option(help="0: persisted or free")] = 0,
@@ -181,15 +215,23 @@ def site_run(
     restart_backoff_min_s: Annotated[float, typer.Option(help="first restart delay")] = 0.5,
     restart_backoff_max_s: Annotated[float, typer.Option(help="longest restart delay")] = 30.0,
 ) -> None:
-    """Start this site's nats-server (leaf of the center) and its agent; supervise until Ctrl-C."""
-    from edge_agent.supervisor import SiteRunConfig
-    from edgebus.site import run_site, site_data_dir
+    """Start this site's nats-server (leaf of the center) and its agent; supervise until Ctrl-C.
+
+    Zero touch: `--token` (or `--token-file`) onboards on the first run and keeps the identity
+    in the data dir; later runs need neither the token nor the center's URL.
+    """
+    from edge_agent.onboarding import OnboardingError
+    from edgebus.site import SiteToolError, prepare_site_run, read_token, run_site
 
     try:
-        config = SiteRunConfig(
+        config = prepare_site_run(
             site=site,
-            center_leaf_url=center,
-            data_dir=site_data_dir(site, data_dir),
+            center=center,
+            token=read_token(token, token_file),
+            data_dir=data_dir,
+            leaf_url=leaf_url,
+            onboard_timeout_s=onboard_timeout_s or None,
+            console=console,
             host=host,
             nats_port=nats_port,
             monitor_port=monitor_port,
@@ -204,9 +246,12 @@ def site_run(
             restart_backoff_min_s=restart_backoff_min_s,
             restart_backoff_max_s=restart_backoff_max_s,
         )
-    except ValueError as exc:
-        console.print(f"[red]{exc}[/red]")
+    except (SiteToolError, ValueError) as exc:
+        console.print(f"[red]{exc}[/red]", soft_wrap=True)
         raise typer.Exit(2) from None
+    except OnboardingError as exc:
+        console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        raise typer.Exit(3) from None
     raise typer.Exit(run_site(config, console))
 
 
@@ -266,6 +311,210 @@ def site_tail(
         pass
     if as_json and not follow:
         print_json(collected)
+
+
+# -- sites (the controller's registry) -----------------------------------------------------
+
+err_console = Console(stderr=True)
+SiteArg = Annotated[str, typer.Argument(help="site id")]
+TimeoutOption = Annotated[float, typer.Option(help="seconds to wait for the controller")]
+
+
+def _sites_call(server: str, work: Callable[[Bus], Awaitable[T]], timeout: float) -> T:
+    """Run one controller request against the center; failures exit with a clear message."""
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeoutError
+
+    from bus.client import RemoteError
+    from edgebus.center import connect_center
+    from edgebus.sites import SitesCommandError
+
+    async def run() -> T:
+        bus = await connect_center(server)
+        try:
+            return await asyncio.wait_for(work(bus), timeout)
+        finally:
+            await bus.close()
+
+    try:
+        return asyncio.run(run())
+    except SitesCommandError as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    except ConnectionError as exc:
+        err_console.print(f"[red]cannot reach the center:[/red] {exc}")
+        raise typer.Exit(2) from None
+    except (NoRespondersError, NatsTimeoutError, TimeoutError):
+        err_console.print(f"[red]no controller answered at {server}[/red] (is one running?)")
+        raise typer.Exit(2) from None
+    except RemoteError as exc:
+        err_console.print(f"[red]refused:[/red] {exc}")
+        raise typer.Exit(1) from None
+
+
+def _print_record(record: SiteRecord, as_json: bool) -> None:
+    from edgebus.sites import site_detail
+
+    if as_json:
+        print_json(record.model_dump(mode="json"))
+    else:
+        console.print(site_detail(record, datetime.now(UTC)))
+
+
+@sites_app.command("add")
+def sites_add(
+    sites: Annotated[list[str], typer.Argument(help="site ids")],
+    group: Annotated[str, typer.Option(help="the sites' group")] = "default",
+    label: Annotated[list[str] | None, typer.Option(help="k=v (repeat)")] = None,
+    ttl: Annotated[str, typer.Option(help="token lifetime: 90s, 15m, 24h, 7d")] = "24h",
+    server: ServerOption = "nats://127.0.0.1:4222",
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = 60.0,
+) -> None:
+    """Register sites and print one single-use bootstrap token per site."""
+    from edgebus.sites import add_sites, parse_duration, parse_labels
+
+    def work(bus: Bus) -> Awaitable[SitesAdded]:
+        return add_sites(
+            bus, sites, group=group, labels=parse_labels(label or []), ttl_s=parse_duration(ttl)
+        )
+
+    added = _sites_call(server, work, timeout)
+    if as_json:
+        print_json(added.model_dump(mode="json"))
+    else:
+        for site, token in added.tokens.items():
+            typer.echo(f"{site}\t{token}")
+        if added.tokens:
+            err_console.print(f"tokens expire at {added.expires_at.isoformat()} (single use)")
+        for site, reason in added.refused.items():
+            err_console.print(f"[red]{site}: {reason}[/red]")
+    if added.refused:
+        raise typer.Exit(1)
+
+
+@sites_app.command("list")
+def sites_list(
+    group: Annotated[str | None, typer.Option(help="only this group")] = None,
+    state: Annotated[
+        Availability | None, typer.Option(help="only this availability")
+    ] = None,
+    label: Annotated[list[str] | None, typer.Option(help="k=v every site must have")] = None,
+    server: ServerOption = "nats://127.0.0.1:4222",
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = 60.0,
+) -> None:
+    """Every site with its availability, last seen, version, devices and backlog."""
+    from edgebus.sites import list_sites, parse_labels, sites_table
+
+    def work(bus: Bus) -> Awaitable[list[SiteRecord]]:
+        query = SitesQuery(
+            group=group, availability=state, label_selector=parse_labels(label or [])
+        )
+        return list_sites(bus, query)
+
+    records = _sites_call(server, work, timeout)
+    if as_json:
+        print_json([r.model_dump(mode="json") for r in records])
+    else:
+        console.print(sites_table(records, datetime.now(UTC)))
+
+
+@sites_app.command("show")
+def sites_show(
+    site: SiteArg,
+    server: ServerOption = "nats://127.0.0.1:4222",
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = 10.0,
+) -> None:
+    """One site in full: availability and why, inventory, credentials."""
+    from edgebus.sites import show_site
+
+    record = _sites_call(server, lambda bus: show_site(bus, site), timeout)
+    if record is None:
+        err_console.print(f"[red]no site {site}[/red]")
+        raise typer.Exit(1)
+    _print_record(record, as_json)
+
+
+def _change(server: str, change: SiteChange, as_json: bool, timeout: float) -> None:
+    from edgebus.sites import change_site
+
+    changed = _sites_call(server, lambda bus: change_site(bus, change), timeout)
+    if changed.deleted:
+        if as_json:
+            print_json({"deleted": changed.record.site})
+        else:
+            console.print(f"deleted site {changed.record.site}")
+        return
+    _print_record(changed.record, as_json)
+
+
+@sites_app.command("manage")
+def sites_manage(
+    site: SiteArg,
+    server: ServerOption = "nats://127.0.0.1:4222",
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = 10.0,
+) -> None:
+    """Watch the site again: its offline alarm is raised (if it is offline)."""
+    _change(server, SiteChange(site=site, managed=True), as_json, timeout)
+
+
+@sites_app.command("unmanage")
+def sites_unmanage(
+    site: SiteArg,
+    server: ServerOption = "nats://127.0.0.1:4222",
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = 10.0,
+) -> None:
+    """Stop alarming about the site (maintenance); availability is still tracked."""
+    _change(server, SiteChange(site=site, managed=False), as_json, timeout)
+
+
+@sites_app.command("delete")
+def sites_delete(
+    site: SiteArg,
+    server: ServerOption = "nats://127.0.0.1:4222",
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = 10.0,
+) -> None:
+    """Remove the site and its token, and revoke its credentials."""
+    _change(server, SiteChange(site=site, delete=True), as_json, timeout)
+
+
+@sites_app.command("group")
+def sites_group(
+    site: SiteArg,
+    group: Annotated[str, typer.Argument(help="the new group")],
+    server: ServerOption = "nats://127.0.0.1:4222",
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = 10.0,
+) -> None:
+    """Move the site to another group."""
+    _change(server, SiteChange(site=site, group=group), as_json, timeout)
+
+
+@sites_app.command("label")
+def sites_label(
+    site: SiteArg,
+    labels: Annotated[list[str] | None, typer.Argument(help="k=v to set")] = None,
+    remove: Annotated[list[str] | None, typer.Option(help="label key to remove")] = None,
+    server: ServerOption = "nats://127.0.0.1:4222",
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = 10.0,
+) -> None:
+    """Set (k=v) and remove (--remove k) labels of a site."""
+    from edgebus.sites import SitesCommandError, parse_labels
+
+    try:
+        change = SiteChange(
+            site=site, set_labels=parse_labels(labels or []), remove_labels=remove or []
+        )
+    except (SitesCommandError, ValueError) as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    _change(server, change, as_json, timeout)
 
 
 def main() -> None:

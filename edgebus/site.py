@@ -27,6 +27,8 @@ from bus import subjects
 from bus.client import Bus, BusConnectError, RemoteError, open_connection
 from bus.config import NatsConfig, ReconnectPolicy
 from bus.streams import site_events_stream
+from edge_agent.onboarding import SiteIdentityRecord, load_identity, onboard
+from edge_agent.onboarding.identity import IdentityError
 from edge_agent.supervisor import (
     SiteAlreadyRunning,
     SiteRunConfig,
@@ -37,6 +39,7 @@ from edge_agent.supervisor import (
     read_site_state,
 )
 from schemas import REGISTRY, EventDecodeError
+from schemas.bootstrap import BootstrapToken
 
 DEFAULT_SITES_DIR = Path(".edgebus/sites")
 _HTTP_TIMEOUT_S = 1.0
@@ -55,6 +58,90 @@ def site_data_dir(site: str | None, data_dir: Path | None) -> Path:
     return DEFAULT_SITES_DIR / subjects.site_id(site)
 
 
+# -- onboarding ---------------------------------------------------------------------------
+
+
+def read_token(token: str | None, token_file: Path | None) -> BootstrapToken | None:
+    """The bootstrap token from --token or --token-file (a file keeps it out of `ps`)."""
+    if token and token_file:
+        raise SiteToolError("give --token or --token-file, not both")
+    text = token
+    if token_file is not None:
+        try:
+            text = token_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SiteToolError(f"cannot read the token file: {exc}") from None
+    if not text:
+        return None
+    try:
+        return BootstrapToken.decode(text)
+    except ValueError as exc:
+        raise SiteToolError(str(exc)) from None
+
+
+def run_config_from_identity(
+    identity: SiteIdentityRecord, data_dir: Path, *, leaf_url: str | None = None, **options: Any
+) -> SiteRunConfig:
+    """Run the onboarded site: its leaf dials the center's leaf URL with the site's own creds,
+    its agent heartbeats at the interval the center chose. `options`: other SiteRunConfig fields."""
+    url = leaf_url or (identity.leaf_urls[0] if identity.leaf_urls else None)
+    if url is None:
+        raise SiteToolError(
+            "the center sent no leaf URL at onboarding: give --leaf-url nats-leaf://HOST:PORT"
+        )
+    if options.get("leaf_credentials") is None:  # an explicit file wins over the installed one
+        options["leaf_credentials"] = identity.credentials
+    return SiteRunConfig(
+        site=identity.site,
+        center_leaf_url=url,
+        data_dir=data_dir,
+        heartbeat_interval_s=identity.heartbeat_interval_s,
+        **options,
+    )
+
+
+def prepare_site_run(
+    *,
+    site: str | None,
+    center: str | None,
+    token: BootstrapToken | None,
+    data_dir: Path | None,
+    leaf_url: str | None = None,
+    onboard_timeout_s: float | None = None,
+    console: Console | None = None,
+    **options: Any,
+) -> SiteRunConfig:
+    """What `edgebus site run` starts: onboarded (token, or identity.json from an earlier
+    onboarding: the token is never needed again), else the development path (--site and a
+    --center leaf URL, no auth). Raises SiteToolError, OnboardingError, ValueError."""
+    if token is not None:
+        if site is not None and site != token.site:
+            raise SiteToolError(f"--site {site} does not match the token's site {token.site}")
+        directory = site_data_dir(token.site, data_dir)
+        if console is not None and load_identity(directory, token.site) is None:
+            console.print(f"onboarding site [bold]{token.site}[/bold]...", soft_wrap=True)
+        try:
+            identity: SiteIdentityRecord | None = asyncio.run(
+                onboard(token, directory, center_url=center, timeout_s=onboard_timeout_s)
+            )
+        except (IdentityError, ValueError) as exc:  # another site's data dir, no center URL
+            raise SiteToolError(str(exc)) from None
+    else:
+        directory = site_data_dir(site, data_dir)
+        try:
+            identity = load_identity(directory, site)
+        except IdentityError as exc:
+            raise SiteToolError(str(exc)) from None
+    if identity is not None:
+        return run_config_from_identity(identity, directory, leaf_url=leaf_url, **options)
+    if site is None or center is None:
+        raise SiteToolError(
+            "not onboarded yet: give --token (zero touch) or, for development without auth, "
+            "--site and --center nats-leaf://HOST:PORT"
+        )
+    return SiteRunConfig(site=site, center_leaf_url=center, data_dir=directory, **options)
+
+
 # -- run ----------------------------------------------------------------------------------
 
 
@@ -66,7 +153,8 @@ def run_site(config: SiteRunConfig, console: Console) -> int:
         console.print(
             f"site [bold]{state.site}[/bold] running: nats {state.nats_url}, "
             f"MQTT {state.mqtt_url}, center {state.center_leaf_url} "
-            f"(data {state.data_dir}); Ctrl-C stops it"
+            f"(data {state.data_dir}); Ctrl-C stops it",
+            soft_wrap=True,
         )
 
     try:

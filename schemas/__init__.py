@@ -3,7 +3,7 @@
 Importing this package registers all event types in `REGISTRY`.
 """
 
-from schemas import alarms, common, devices, site
+from schemas import alarms, common, controller, devices, site
 from schemas.catalog import REGISTRY
 from schemas.envelope import Event, EventData, new_event, parse_schema_uri, schema_uri
 from schemas.errors import (
@@ -35,6 +35,7 @@ __all__ = [
     "UnsupportedVersion",
     "alarms",
     "common",
+    "controller",
     "devices",
     "new_event",
     "new_event_id",

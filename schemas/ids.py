@@ -26,7 +26,7 @@ class _Generator:
         self._last_ms = 0
         self._counter = 0
         self._tail = ""
-        self._prefix = ""  # the id's first 15 characters, shared by every id of one ms
+        self._prefix = ""  # the id's first 15 characters: `_ms_prefix(self._last_ms)`
         self.reseed()
 
     def reseed(self) -> None:
@@ -34,6 +34,7 @@ class _Generator:
         low = f"{(0b10 << 62) | rand_b:016x}"  # RFC variant bits, then the random bits
         self._tail = f"{low[:4]}-{low[4:]}"
         self._last_ms = 0
+        self._prefix = _ms_prefix(0)
 
     def next_id(self) -> str:
         with self._lock:

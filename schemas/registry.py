@@ -125,7 +125,7 @@ class EventRegistry:
     def decoder_for(self, model: type[D]) -> Callable[[bytes | str], Event[D]]:
         """A decode function bound to one model: the hot path of every typed subscriber."""
         spec = self.spec_for(model)
-        # The validator itself: `model_validate_json` only forwards to it, at ~15% of the cost.
+        # The validator itself: `model_validate_json` is a Python wrapper adding ~15% per call.
         validate = spec.envelope.__pydantic_validator__.validate_json
         expected_type, expected_schema = spec.event_type, spec.schema_uri
         max_bytes = self.max_event_bytes

@@ -52,3 +52,6 @@ class SiteStatusReport(EventData):
         "forward_rate_per_s, forwarded, dropped, refused, link_up",
     )
     active_alarms: list[str] = Field(default_factory=list, description="ids of raised alarms")
+    bridge: dict[str, int] = Field(
+        default_factory=dict, description="external-broker bridge counters (empty: not bridged)"
+    )

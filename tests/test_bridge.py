@@ -28,6 +28,7 @@ from edge_agent.config import AgentConfig, ExternalBroker, ReplayConfig
 from edge_agent.runtime import EdgeAgent, RestartPolicy
 from schemas import REGISTRY
 from schemas.devices import DeviceReading
+from schemas.site import SiteStatusQuery, SiteStatusReport
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -70,7 +71,9 @@ def broker(tmp_path: Path) -> Iterator[MosquittoProcess]:
 
 
 @pytest.fixture
-async def site(edge_topology: EdgeTopology) -> AsyncIterator[tuple[NatsServerProcess, JetStreamContext]]:
+async def site(
+    edge_topology: EdgeTopology,
+) -> AsyncIterator[tuple[NatsServerProcess, JetStreamContext]]:
     server = await asyncio.to_thread(edge_topology.add_site, SITE)
     hub_nc = await nats.connect(edge_topology.hub.url)
     hub_js = hub_nc.jetstream()
@@ -82,9 +85,9 @@ async def site(edge_topology: EdgeTopology) -> AsyncIterator[tuple[NatsServerPro
 
 
 @pytest.fixture
-async def device(broker: MosquittoProcess, request: pytest.FixtureRequest) -> AsyncIterator[
-    Callable[[MqttProtocol], Awaitable[AsyncMqttClient]]
-]:
+async def device(
+    broker: MosquittoProcess, request: pytest.FixtureRequest
+) -> AsyncIterator[Callable[[MqttProtocol], Awaitable[AsyncMqttClient]]]:
     made: list[AsyncMqttClient] = []
 
     async def connect(protocol: MqttProtocol) -> AsyncMqttClient:
@@ -172,13 +175,20 @@ async def test_bridged_readings_reach_the_center(
         assert (raw.headers or {})[f"{HEADER_PREFIX}Subject"] == f"dev/{SITE}/bad.device/temp"
         stats = bridge.stats()
         assert stats.rejected == 1 and stats.forwarded >= count
+        # The local status report shows the bridge at work.
+        report = await observer.request(
+            subjects.local_control(SITE, "status"), SiteStatusQuery(), SiteStatusReport
+        )
+        assert report.data.bridge["forwarded"] >= count and report.data.bridge["rejected"] == 1
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
         await observer.close()
 
 
-def agent_argv(server: NatsServerProcess, broker: MosquittoProcess, scheme: str, data_dir: Path) -> list[str]:
+def agent_argv(
+    server: NatsServerProcess, broker: MosquittoProcess, scheme: str, data_dir: Path
+) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -206,7 +216,10 @@ async def test_killed_agent_loses_nothing_published_while_it_was_down(
 ) -> None:
     server, hub_js = site
     argv = agent_argv(server, broker, "mqtt5" if protocol == "5" else "mqtt", tmp_path / "agent")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     log_path = tmp_path / "agent.log"
     procs: list[asyncio.subprocess.Process] = []
 
@@ -251,7 +264,9 @@ async def test_killed_agent_loses_nothing_published_while_it_was_down(
         seqs = [s for s in await center_seqs(hub_js) if s >= 0]
         assert sorted(set(seqs)) == list(range(50)), "nothing lost"
         assert len(seqs) == 50, f"duplicates at the center: {len(seqs) - 50}"
-        assert seqs == list(range(50)), f"order kept across the restart: {seqs}"
+        assert seqs == list(range(50)), (
+            f"order kept across the restart: {seqs}\n{log_path.read_text()[-6000:]}"
+        )
     finally:
         for proc in procs:
             if proc.returncode is None:

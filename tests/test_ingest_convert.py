@@ -6,7 +6,7 @@ Pure: no server. Every rejection reason, every accepted timestamp form, topic pa
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -18,6 +18,7 @@ from edge_agent.ingest.convert import (
     device_time_of,
     reading_from_device_message,
 )
+from edge_agent.ingest.ordering import SequenceGate
 from edge_agent.ingest.worker import delivery_of
 from schemas.devices import DeviceReading
 
@@ -109,7 +110,7 @@ def test_timestamp_key_precedence_is_ts_first() -> None:
 
 def test_device_time_keeps_the_instant_of_an_offset() -> None:
     reading = accepted(convert(b'{"ts": "2026-11-22T05:30:00-04:30"}'))
-    assert reading.device_time == datetime(2026, 11, 22, 10, 0, tzinfo=timezone.utc)
+    assert reading.device_time == datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 
 
 def test_payload_at_exactly_the_limit_is_accepted() -> None:
@@ -223,3 +224,47 @@ def test_bridge_rejects_topics_that_are_not_four_valid_tokens(topic: str) -> Non
 )
 def test_delivery_of_parses_both_ack_subject_formats(reply: str, expected: tuple[int, int]) -> None:
     assert delivery_of(reply) == expected
+
+
+# -- stream-order gate (edge_agent.ingest.ordering, pure) ----------------------------
+
+
+def test_gate_passes_a_contiguous_run_straight_through() -> None:
+    gate: SequenceGate[str] = SequenceGate(next_seq=5)
+    for seq in (5, 6, 7):
+        gate.offer(seq, f"m{seq}")
+    assert gate.release() == ["m5", "m6", "m7"]
+    assert gate.next_seq == 8 and gate.blocked_at is None and len(gate) == 0
+
+
+def test_gate_holds_newer_messages_behind_a_gap_until_it_fills() -> None:
+    gate: SequenceGate[str] = SequenceGate(next_seq=1)
+    for seq in (4, 5, 3):
+        gate.offer(seq, f"m{seq}")
+    assert gate.release() == []
+    assert (gate.blocked_at, gate.lowest_waiting) == (1, 3)
+    gate.offer(2, "m2")
+    assert gate.release() == []
+    gate.offer(1, "m1")
+    assert gate.release() == ["m1", "m2", "m3", "m4", "m5"]
+
+
+def test_gate_skips_a_gap_that_is_gone_from_the_stream() -> None:
+    gate: SequenceGate[str] = SequenceGate(next_seq=1)
+    gate.offer(7, "m7")
+    gate.offer(8, "m8")
+    assert gate.waiting() == ["m7", "m8"]
+    gate.skip_to(7)
+    assert gate.release() == ["m7", "m8"]
+    gate.skip_to(3)  # never backwards
+    assert gate.next_seq == 9
+
+
+def test_gate_hands_on_late_redeliveries_at_once_and_dedupes_copies() -> None:
+    gate: SequenceGate[str] = SequenceGate(next_seq=10)
+    gate.offer(4, "late")  # already passed: a redelivery, idempotent downstream
+    gate.offer(11, "old-copy")
+    gate.offer(11, "new-copy")  # redelivered while waiting: one copy kept
+    assert gate.release() == ["late"]
+    gate.offer(10, "m10")
+    assert gate.release() == ["m10", "new-copy"]

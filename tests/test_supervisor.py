@@ -123,6 +123,15 @@ def site_leafs(state: SiteState) -> int:
     return int(monitor(state, "leafz").get("leafnodes", 0))
 
 
+def kill_processes_under(data_dir: Path) -> None:
+    """Children of a supervisor that was killed outright, even when site.json no longer
+    names them: their command lines name the data dir."""
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if str(data_dir) in " ".join(process.info["cmdline"] or []):
+                process.kill()
+
+
 class Supervisors:
     """Supervisor processes started by a test; every one (and its children) killed at teardown."""
 
@@ -150,14 +159,7 @@ class Supervisors:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-            # Children of a supervisor that was killed outright (the orphan test).
-            try:
-                state = read_site_state(data_dir)
-            except SiteStateError:
-                continue
-            for child in state.children.values():
-                if child.pid is not None and alive(child.pid):
-                    os.kill(child.pid, signal.SIGKILL)
+            kill_processes_under(data_dir)
 
 
 @pytest.fixture
@@ -473,7 +475,4 @@ def test_site_run_supervises_the_real_agent(edge_topology: EdgeTopology, tmp_pat
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        with contextlib.suppress(SiteStateError):
-            for child in read_site_state(data_dir).children.values():
-                if child.pid is not None and alive(child.pid):
-                    os.kill(child.pid, signal.SIGKILL)
+        kill_processes_under(data_dir)

@@ -64,7 +64,7 @@ def reading_from_device_message(
         return Rejection("schema", str(exc.errors(include_url=False)[0]["msg"]))
 
 
-def device_time_of(body: dict[str, Any]) -> datetime | None | Rejection:
+def device_time_of(body: dict[str, Any]) -> datetime | Rejection | None:
     """The device's own timestamp if it sent one: ISO 8601, or epoch seconds/milliseconds."""
     for key in DEVICE_TIME_KEYS:
         if key in body:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from bus import subjects
 from bus.client import Bus
@@ -24,6 +26,7 @@ from bus.replaylog import AppendResult, AppendStatus, LogEntry, ReplayLog
 from bus.streams import site_ingest_stream
 from edge_agent.config import AgentConfig
 from edge_agent.ingest.convert import Rejection, reading_from_device_message
+from edge_agent.ingest.ordering import SequenceGate
 from schemas import REGISTRY, Event
 
 CONSUMER = "ingest"
@@ -31,6 +34,7 @@ COMPONENT = "ingest"
 READING_KIND = "reading"
 INGEST_STREAM = site_ingest_stream().name
 _SUBJECT_CACHE_SIZE = 50_000
+_REFUSED_LOG_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class IngestTuning:
     max_ack_pending: int = 2000
     ack_wait_s: float = 30.0
     fetch_timeout_s: float = 0.5
+    # Server-side life of one pull request; short, so a dead instance's request ends soon.
+    pull_expires_s: float = 2.0
     retry_min_s: float = 0.2
     retry_max_s: float = 5.0
 
@@ -64,6 +70,7 @@ class IngestStats:
     append_retries: int = 0
     published_local: int = 0
     batches: int = 0
+    order_waits: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -76,6 +83,7 @@ class IngestStats:
             "append_retries": self.append_retries,
             "published_local": self.published_local,
             "batches": self.batches,
+            "order_waits": self.order_waits,
         }
 
 
@@ -105,6 +113,7 @@ class _Counters:
         self.append_retries = 0
         self.published_local = 0
         self.batches = 0
+        self.order_waits = 0
 
     def snapshot(self) -> IngestStats:
         return IngestStats(
@@ -117,6 +126,7 @@ class _Counters:
             append_retries=self.append_retries,
             published_local=self.published_local,
             batches=self.batches,
+            order_waits=self.order_waits,
         )
 
 
@@ -146,8 +156,9 @@ def ingest_consumer_config(tuning: IngestTuning) -> ConsumerConfig:
 class IngestWorker:
     """Reads INGEST in batches: convert, append to the replay log, publish locally, ack.
 
-    Order: one batch at a time, appended in stream order on one connection, so readings
-    of one device reach the replay log (and local subscribers) in the order devices sent.
+    Order: deliveries pass a `SequenceGate` (stream order, even across redeliveries), and
+    batches are appended one after another on one connection, so readings of one device
+    reach the replay log (and local subscribers) in the order the device sent them.
     """
 
     def __init__(
@@ -164,6 +175,8 @@ class IngestWorker:
         self.tuning = tuning or IngestTuning()
         self._counters = _Counters()
         self._local_subjects: dict[tuple[str, str], str] = {}
+        self._last_keepalive = 0.0
+        self._last_refused_log = -_REFUSED_LOG_INTERVAL_S
         self._log = get_logger("edge_agent.ingest", site=self.site)
 
     def stats(self) -> IngestStats:
@@ -178,12 +191,14 @@ class IngestWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Ingest until `stop` is set; raises if the consumer cannot be declared or is lost."""
         await self.declare()
+        info = await self.bus.js.consumer_info(INGEST_STREAM, CONSUMER)
+        gate: SequenceGate[Msg] = SequenceGate(next_seq=info.ack_floor.stream_seq + 1)
         feed = PullFeed(
             self.bus.nc,
             INGEST_STREAM,
             CONSUMER,
             batch=self.tuning.batch_size,
-            api_prefix=self.bus.js._prefix,
+            expires_s=self.tuning.pull_expires_s,
         )
         await feed.start()
         self._log.info("ingest_started", batch_size=self.tuning.batch_size)
@@ -193,9 +208,12 @@ class IngestWorker:
         try:
             while not stop.is_set():
                 msgs = await feed.next_batch(self.tuning.batch_size, self.tuning.fetch_timeout_s)
-                if not msgs:
+                ready = self._in_order(gate, msgs)
+                if not ready and gate.blocked_at is not None:
+                    ready = await self._resolve_gap(gate)
+                if not ready:
                     continue
-                batch = self._prepare(msgs)
+                batch = self._prepare(ready)
                 if completing is not None:
                     await completing
                 completing = asyncio.create_task(self._complete(batch, stop))
@@ -205,8 +223,47 @@ class IngestWorker:
             if completing is not None and not completing.done():
                 completing.cancel()
                 await asyncio.gather(completing, return_exceptions=True)
+            # Held back behind a gap: give them back now rather than after their ack_wait.
+            await self._nak_all(gate.waiting())
             await feed.stop()
             self._log.info("ingest_stopped", **self.stats().as_dict())
+
+    # -- stream order ----------------------------------------------------------------
+
+    @staticmethod
+    def _in_order(gate: SequenceGate[Msg], msgs: Sequence[Msg]) -> list[Msg]:
+        for msg in msgs:
+            gate.offer(delivery_of(msg.reply)[1], msg)
+        return gate.release()
+
+    async def _resolve_gap(self, gate: SequenceGate[Msg]) -> list[Msg]:
+        """Newer messages wait behind a missing one: skip it if it is gone from INGEST,
+        otherwise keep waiting (it is held by an earlier delivery and comes back after
+        its ack_wait; JetStream redelivers in no particular order)."""
+        missing, lowest = gate.blocked_at, gate.lowest_waiting
+        assert missing is not None and lowest is not None
+        try:
+            stored = await self.bus.js.get_msg(
+                INGEST_STREAM, seq=missing, next=True, subject=subjects.device_raw_any()
+            )
+            first_stored: int | None = stored.seq
+        except NotFoundError:
+            first_stored = None
+        if first_stored is None or first_stored >= lowest:
+            gate.skip_to(lowest)
+            return gate.release()
+        now = time.monotonic()
+        if now - self._last_keepalive >= self.tuning.ack_wait_s / 3:
+            self._last_keepalive = now
+            self._counters.order_waits += 1
+            self._log.warning(
+                "waiting_for_older_message",
+                missing_seq=first_stored,
+                waiting=len(gate),
+                detail="an older device message is held by an earlier delivery",
+            )
+            await self._in_progress_all(gate.waiting())
+        return []
 
     # -- one batch -------------------------------------------------------------------
 
@@ -330,7 +387,13 @@ class IngestWorker:
                 counters.duplicates += 1
             else:
                 counters.refused += 1
-        if counters.refused and any(r.status is AppendStatus.REFUSED for r in results):
+        now = time.monotonic()
+        if (
+            any(r.status is AppendStatus.REFUSED for r in results)
+            and now - self._last_refused_log >= _REFUSED_LOG_INTERVAL_S
+        ):
+            # Local subscribers still get these readings; the center never will.
+            self._last_refused_log = now
             self._log.warning("replay_log_refused", refused_total=counters.refused)
 
     async def _publish_local(self, accepted: list[_Accepted]) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,7 +36,8 @@ class StatusSources:
     ingest: Callable[[], Mapping[str, Any]] = _nothing
     replay: Callable[[], Mapping[str, Any]] = _nothing
     active_alarms: Callable[[], list[str]] = _no_alarms
-    dead_letters: Callable[[], Mapping[str, int]] = field(default=_nothing)
+    dead_letters: Callable[[], Mapping[str, int]] = _nothing
+    bridge: Callable[[], Mapping[str, int]] = _nothing
 
 
 def build_report(
@@ -61,6 +62,7 @@ def build_report(
         dead_letters=dict(_safe(sources.dead_letters, {})),
         replay=dict(_safe(sources.replay, {})),
         active_alarms=sorted(_safe(sources.active_alarms, [])),
+        bridge=dict(_safe(sources.bridge, {})),
     )
 
 

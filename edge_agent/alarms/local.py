@@ -1,0 +1,128 @@
+"""The site's own alarms: idempotent raise and clear, published locally and owed to the center.
+
+Each change goes out on `evt.<site>.alarm` and into the replay log (kind "alarm", key = entity).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from datetime import UTC, datetime
+from typing import Any
+
+from bus import subjects
+from bus.client import Bus
+from bus.log import get_logger
+from bus.replaylog import AppendStatus, LogEntry, ReplayLog
+from schemas import Event
+from schemas.alarms import AlarmCleared, AlarmRaised, Severity, alarm_id
+
+ALARM_KIND = "alarm"
+DEFAULT_MAX_PENDING = 1000
+_NOT_A_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def replay_key(entity: str) -> str:
+    """The replay-log key (one subject token) for an entity; it only groups entries for order."""
+    return _NOT_A_TOKEN.sub("_", entity)[:64] or "_"
+
+
+class LocalAlarms:
+    """Active alarms of one site. Raising an active alarm or clearing an inactive one does nothing.
+
+    An alarm change the replay log refuses (full, refuse_new) waits in a small bounded list and
+    is retried, in order, before the next change and on every `flush_pending` (monitor tick):
+    an alarm about a full log must still reach the center once there is room.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        replay_log: ReplayLog,
+        site: str,
+        *,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> None:
+        self.site = subjects.site_id(site)
+        self._bus = bus
+        self._replay_log = replay_log
+        self._active: dict[str, AlarmRaised] = {}
+        self._pending: deque[LogEntry] = deque()
+        self._max_pending = max_pending
+        self.lost = 0  # changes dropped from a full pending list (logged as errors)
+        self._log = get_logger("edge_agent.alarms", site=self.site)
+
+    def active(self) -> list[AlarmRaised]:
+        return list(self._active.values())
+
+    @property
+    def pending(self) -> int:
+        """Alarm changes published locally but not yet in the replay log."""
+        return len(self._pending)
+
+    async def raise_(self, entity: str, probable_cause: str, severity: Severity, text: str) -> bool:
+        """Raise an alarm; False (and nothing published) if it is already active."""
+        identity = alarm_id(self.site, entity, probable_cause)
+        if identity in self._active:
+            return False
+        data = AlarmRaised(
+            alarm_id=identity,
+            site=self.site,
+            entity=entity,
+            severity=severity,
+            probable_cause=probable_cause,
+            text=text,
+            raised_at=datetime.now(UTC),
+        )
+        self._active[identity] = data
+        self._log.warning("alarm_raised", alarm_id=identity, severity=str(severity), text=text)
+        await self._publish(entity, self._bus.event(data, subject=identity))
+        return True
+
+    async def clear(self, entity: str, probable_cause: str, text: str = "") -> bool:
+        """Clear an alarm; False (and nothing published) if it is not active."""
+        identity = alarm_id(self.site, entity, probable_cause)
+        if self._active.pop(identity, None) is None:
+            return False
+        data = AlarmCleared(
+            alarm_id=identity,
+            site=self.site,
+            entity=entity,
+            probable_cause=probable_cause,
+            text=text,
+            cleared_at=datetime.now(UTC),
+        )
+        self._log.info("alarm_cleared", alarm_id=identity, text=text)
+        await self._publish(entity, self._bus.event(data, subject=identity))
+        return True
+
+    async def flush_pending(self) -> int:
+        """Append waiting alarm changes to the replay log, oldest first; returns how many remain."""
+        while self._pending:
+            entry = self._pending[0]
+            try:
+                result = await self._replay_log.append(entry)
+            except Exception as exc:  # the site's JetStream is not answering: retry later
+                self._log.warning("alarm_append_failed", event_id=entry.event.id, error=repr(exc))
+                break
+            if result.status is AppendStatus.REFUSED:
+                break
+            self._pending.popleft()
+        return len(self._pending)
+
+    async def _publish(self, entity: str, event: Event[Any]) -> None:
+        try:
+            await self._bus.publish(subjects.site_event(self.site, ALARM_KIND), event)
+        except Exception as exc:  # local subscribers miss it; the replay log still has it
+            self._log.warning("alarm_publish_failed", event_id=event.id, error=repr(exc))
+        if len(self._pending) >= self._max_pending:
+            lost = self._pending.popleft()
+            self.lost += 1
+            self._log.error(
+                "alarm_change_lost",
+                event_id=lost.event.id,
+                detail="replay log refused alarm changes for too long; oldest dropped",
+            )
+        self._pending.append(LogEntry(kind=ALARM_KIND, key=replay_key(entity), event=event))
+        if await self.flush_pending():
+            self._log.warning("alarm_change_pending", event_id=event.id, pending=self.pending)

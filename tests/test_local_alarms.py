@@ -1,0 +1,162 @@
+"""LocalAlarms on a real site server: idempotent raise/clear, local publish, replay-log entries.
+
+A change the full log refuses waits and goes out, in order, once there is room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from nats.aio.msg import Msg
+
+from bus import subjects
+from bus.client import Bus
+from bus.config import NatsConfig
+from bus.replaylog import STREAM, AppendStatus, LogEntry, ReplayLog
+from bus.streams import ReplayFullPolicy, StreamSpec, site_replay_stream
+from bus.testing import EdgeTopology
+from edge_agent.alarms import LocalAlarms
+from edge_agent.alarms.local import replay_key
+from schemas import REGISTRY, new_event
+from schemas.alarms import AlarmCleared, AlarmRaised, Severity
+from schemas.devices import DeviceReading
+
+SITE = "s1"
+
+
+@dataclass
+class Setup:
+    bus: Bus
+    log: ReplayLog
+    alarms: LocalAlarms
+    local: list[bytes]
+
+
+async def setup(edge_topology: EdgeTopology, spec: StreamSpec) -> Setup:
+    await asyncio.to_thread(edge_topology.add_site, SITE, mqtt=False)
+    bus = await Bus.connect(
+        NatsConfig.from_url(edge_topology.site(SITE).url, name="alarms"),
+        scope=SITE,
+        source=f"/sites/{SITE}",
+    )
+    log = ReplayLog(bus.nc, SITE, spec, batch_size=100, ack_wait_s=5)
+    await log.declare()
+    local: list[bytes] = []
+
+    async def on_alarm(msg: Msg) -> None:
+        local.append(msg.data)
+
+    await bus.nc.subscribe(subjects.site_event(SITE, "alarm"), cb=on_alarm)
+    return Setup(bus, log, LocalAlarms(bus, log, SITE), local)
+
+
+@pytest.fixture
+async def roomy(edge_topology: EdgeTopology) -> AsyncIterator[Setup]:
+    spec = site_replay_stream(
+        SITE, max_bytes=1024**2, max_age_s=3600, policy=ReplayFullPolicy.REFUSE_NEW
+    )
+    s = await setup(edge_topology, spec)
+    yield s
+    await s.bus.close()
+
+
+@pytest.fixture
+async def tiny(edge_topology: EdgeTopology) -> AsyncIterator[Setup]:
+    spec = site_replay_stream(
+        SITE, max_bytes=8 * 1024, max_age_s=3600, policy=ReplayFullPolicy.REFUSE_NEW
+    )
+    s = await setup(edge_topology, spec)
+    yield s
+    await s.bus.close()
+
+
+async def logged(s: Setup) -> list[tuple[str, bytes]]:
+    js = s.bus.js
+    state = (await js.stream_info(STREAM)).state
+    out = []
+    for seq in range(state.first_seq, state.last_seq + 1):
+        raw = await js.get_msg(STREAM, seq=seq)
+        out.append((raw.subject or "", raw.data or b""))
+    return out
+
+
+async def wait_local(s: Setup, count: int) -> None:
+    for _ in range(100):
+        if len(s.local) >= count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{len(s.local)} local alarm events, wanted {count}")
+
+
+async def test_raise_and_clear_are_idempotent_published_and_logged(roomy: Setup) -> None:
+    alarms = roomy.alarms
+    assert await alarms.raise_("pump-1", "overheat", Severity.MAJOR, "82 C")
+    assert not await alarms.raise_("pump-1", "overheat", Severity.CRITICAL, "90 C")
+    assert [a.alarm_id for a in alarms.active()] == [f"{SITE}/pump-1/overheat"]
+    assert not await alarms.clear("pump-1", "low-flow")  # never raised
+    assert await alarms.clear("pump-1", "overheat", "back to 60 C")
+    assert not await alarms.clear("pump-1", "overheat")
+    assert alarms.active() == [] and alarms.pending == 0
+
+    await wait_local(roomy, 2)
+    await asyncio.sleep(0.1)
+    assert len(roomy.local) == 2  # one raise, one clear: repeats published nothing
+    raised = REGISTRY.decode_as(roomy.local[0], AlarmRaised)
+    cleared = REGISTRY.decode_as(roomy.local[1], AlarmCleared)
+    assert (raised.data.severity, raised.data.text) == (Severity.MAJOR, "82 C")
+    assert cleared.data.text == "back to 60 C"
+
+    entries = await logged(roomy)
+    assert [subject for subject, _ in entries] == [f"replay.{SITE}.alarm.pump-1"] * 2
+    in_log = REGISTRY.decode_as(entries[0][1], AlarmRaised)
+    assert in_log.id == raised.id and in_log.data.raised_at == raised.data.raised_at
+    assert REGISTRY.decode_as(entries[1][1], AlarmCleared).id == cleared.id
+
+
+async def test_entity_that_is_not_a_subject_token_still_logs(roomy: Setup) -> None:
+    assert replay_key("dev.7:temp/1") == "dev_7_temp_1"
+    assert await roomy.alarms.raise_("dev.7:temp/1", "stale", Severity.WARNING, "no data")
+    assert [s for s, _ in await logged(roomy)] == [f"replay.{SITE}.alarm.dev_7_temp_1"]
+
+
+async def test_refused_changes_wait_and_go_in_order_once_there_is_room(tiny: Setup) -> None:
+    refused = 0
+    for n in range(100):  # fill the log until it refuses
+        data = DeviceReading(site=SITE, device="d0", channel="t", payload={"n": n})
+        entry = LogEntry("reading", "d0", new_event(data, source=f"/sites/{SITE}"))
+        if (await tiny.log.append(entry)).status is AppendStatus.REFUSED:
+            refused += 1
+            break
+    assert refused == 1
+
+    alarms = tiny.alarms
+    assert await alarms.raise_("replay-log", "full", Severity.CRITICAL, "log full")
+    assert await alarms.clear("replay-log", "full")
+    assert alarms.pending == 2  # both refused by the log, kept in order
+    await wait_local(tiny, 2)  # local subscribers got them at once regardless
+    assert await alarms.flush_pending() == 2  # still no room
+
+    await tiny.bus.js.purge_stream(STREAM)  # as if the forwarder had moved everything out
+    assert await alarms.flush_pending() == 0
+    entries = await logged(tiny)
+    assert [s for s, _ in entries] == [f"replay.{SITE}.alarm.replay-log"] * 2
+    assert REGISTRY.decode_as(entries[0][1], AlarmRaised).data.probable_cause == "full"
+    REGISTRY.decode_as(entries[1][1], AlarmCleared)
+
+
+async def test_pending_list_is_bounded(edge_topology: EdgeTopology) -> None:
+    spec = site_replay_stream(
+        SITE, max_bytes=1024, max_age_s=3600, policy=ReplayFullPolicy.REFUSE_NEW
+    )
+    s = await setup(edge_topology, spec)
+    try:
+        alarms = LocalAlarms(s.bus, s.log, SITE, max_pending=3)
+        for i in range(5):  # each alarm is bigger than the whole log: all refused
+            await alarms.raise_(f"e{i}", "cause", Severity.MINOR, "x" * 1500)
+        assert (alarms.pending, alarms.lost) == (3, 2)
+        assert len(alarms.active()) == 5
+    finally:
+        await s.bus.close()
