@@ -11,9 +11,10 @@ Per message, with the same N, the same `Event[DeviceReading]` shape, the same se
 
 - raw: `nc.publish(subject, data)` of one pre-encoded event (the bytes a typed publisher
   sends); the subscriber is a nats-py callback that only counts (no decoding).
-- typed: `bus.publish(subject, bus.event(reading))` (a fresh envelope each time: new id and
-  time, validated, encoded) and `bus.subscribe(subject, DeviceReading, handler)` (full pydantic
-  validation, dead-lettering on failure) with a handler that counts.
+- typed: `bus.emit(subject, reading)` (a fresh event each time: new id and time, the
+  validated payload encoded into the envelope bytes directly) and
+  `bus.subscribe(subject, DeviceReading, handler)` (full pydantic validation,
+  dead-lettering on failure) with a handler that counts.
 - faststream: `NatsBroker.publish(envelope, subject)` of a fresh pydantic envelope with the
   same fields and constraints, and a `@broker.subscriber` handler whose argument is typed with
   that model (FastStream decodes and validates it); per-message logging off, as in `Bus`.
@@ -85,10 +86,11 @@ def reading_fields() -> dict[str, Any]:
 
 def sample_event_bytes() -> bytes:
     """One encoded `Event[DeviceReading]`: what the raw path publishes, N times."""
-    from schemas import REGISTRY, new_event
     from schemas.devices import DeviceReading
+    from schemas.wire import encode_new_event
 
-    return REGISTRY.encode(new_event(DeviceReading(**reading_fields()), source=SOURCE))
+    # The exact bytes `Bus.emit` produces, so raw and typed move the same payload size.
+    return encode_new_event(DeviceReading(**reading_fields()), source=SOURCE)[1]
 
 
 @dataclass(frozen=True)
@@ -251,7 +253,7 @@ async def _publish_typed(job: Job) -> _Clock:
     subject, every = job.subject, job.yield_every
     clock = _Clock()
     for i in range(1, job.n + 1):
-        await bus.publish(subject, bus.event(reading))
+        await bus.emit(subject, reading)
         if i % every == 0:
             await asyncio.sleep(0)
     await bus.nc.flush()
@@ -589,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
                 "raw": "nats-py subscribe(cb) callback per message, counts only; "
                        "publish of one pre-encoded event",
                 "typed": "Bus.subscribe (nats-py subscribe(cb) callback per message) with full "
-                         "pydantic validation; bus.event() + bus.publish() per message",
+                         "pydantic validation; bus.emit() (fresh event) per message",
                 "faststream": "NatsBroker subscriber with a pydantic-typed argument; "
                               "broker.publish(model) per message; logger=None",
             },

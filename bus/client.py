@@ -22,6 +22,7 @@ from bus.deadletter import DeadLetterSink
 from bus.log import get_logger
 from schemas import REGISTRY, Event, EventData, EventDecodeError, EventRegistry, new_event
 from schemas.common import ErrorReply
+from schemas.wire import encode_new_event
 
 D = TypeVar("D", bound=EventData)
 R = TypeVar("R", bound=EventData)
@@ -178,6 +179,25 @@ class Bus:
     async def publish(self, subject: str, event: Event[Any]) -> None:
         """Core NATS publish: at most once, for live fan-out."""
         await self.nc.publish(subject, self.registry.encode(event))
+
+    async def emit(
+        self,
+        subject: str,
+        data: EventData,
+        *,
+        event_subject: str | None = None,
+        correlation_id: str | None = None,
+    ) -> str:
+        """Publish a fresh event around `data` (core NATS) and return its id.
+
+        The hot path for producers: the bytes are built directly (`schemas.wire`), with no
+        envelope object in between; they decode to the same event `publish` would send.
+        """
+        event_id, payload = encode_new_event(
+            data, source=self.source, subject=event_subject, correlation_id=correlation_id
+        )
+        await self.nc.publish(subject, payload)
+        return event_id
 
     async def publish_js(self, subject: str, event: Event[Any], *, timeout: float = 5.0) -> PubAck:
         """JetStream publish; `Nats-Msg-Id` = event id makes retries idempotent."""

@@ -76,6 +76,7 @@ class ForwarderStats:
     order_violations: int  # re-sent entries stored fresh after a later one (must stay 0)
     dropped_seen: int  # entries found removed from the log before they were forwarded
     fetches: int  # non-empty batches pulled from the log
+    pulls: int  # pull requests, empty long polls included (an idle log: one per fetch_timeout)
     publishes: int  # publish attempts to the center, retries included
     redelivery_waits: int  # times an older entry was still held by a dead forwarder
     probing: bool  # after a failure: one entry at a time until one gets through
@@ -398,6 +399,7 @@ class Forwarder:
         self._last_error: str | None = None
         self._dropped = 0
         self._fetches = 0
+        self._pulls = 0
         self._publishes = 0
         self._redelivery_waits = 0
 
@@ -417,6 +419,7 @@ class Forwarder:
             order_violations=self._order.violations,
             dropped_seen=self._dropped,
             fetches=self._fetches,
+            pulls=self._pulls,
             publishes=self._publishes,
             redelivery_waits=self._redelivery_waits,
             probing=self._probing,
@@ -498,6 +501,7 @@ class Forwarder:
                     ack_wait_s=self._ack_wait_s,
                 )
         size = 1 if self._probing else self.config.batch_size
+        self._pulls += 1
         try:
             msgs = await self._puller.fetch(size, self.config.fetch_timeout_s, stop)
         except _PullError as exc:

@@ -15,6 +15,20 @@ import structlog
 _configured = False
 
 
+class _StderrLogger:
+    """Writes each line to whatever `sys.stderr` is at that moment: test runners and CLI
+    runners swap it, and a logger holding the old (closed) stream would raise on every call."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warn = warning = error = err = critical = exception = fatal = msg
+
+
+def _stderr_logger(*args: Any) -> _StderrLogger:
+    return _StderrLogger()
+
+
 def configure_logging(level: str | None = None, *, json: bool | None = None) -> None:
     """Idempotent. `json=None` picks JSON unless stderr is a terminal; env overrides both."""
     global _configured
@@ -37,7 +51,7 @@ def configure_logging(level: str | None = None, *, json: bool | None = None) -> 
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level_name, logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=True,
     )
     _configured = True

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bus import subjects
 from bus.log import configure_logging, get_logger
 from bus.streams import ReplayFullPolicy
 from edge_agent.config import AgentConfig, ExternalBroker, ReplayConfig
@@ -49,7 +50,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         batch_size=args.batch_size,
     )
     return AgentConfig(
-        site=args.site,
+        site=subjects.site_id(args.site),
         nats_url=args.nats,
         data_dir=args.data_dir,
         ingest=IngestLimits(max_payload_bytes=args.max_payload_bytes),

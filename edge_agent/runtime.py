@@ -75,7 +75,7 @@ def forwarder_config(config: AgentConfig) -> ForwarderConfig:
         publish_timeout_s=replay.publish_timeout_s,
         backoff_min_s=replay.backoff_min_s,
         backoff_max_s=replay.backoff_max_s,
-        fetch_timeout_s=0.5,
+        fetch_timeout_s=2.0,  # a long poll: it answers as soon as anything is logged
     )
 
 
@@ -117,6 +117,7 @@ class EdgeAgent:
 
     async def run(self, stop: asyncio.Event) -> None:
         bind_process(site=self.site)
+        self.started_at = datetime.now(UTC)
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         bus = await self._connect(stop)
         if bus is None:

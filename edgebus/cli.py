@@ -21,7 +21,7 @@ from schemas.controller import Availability, SiteChange, SiteRecord, SitesQuery
 
 if TYPE_CHECKING:
     from bus.client import Bus
-    from schemas.controller import SitesAdded
+    from schemas.controller import SiteChanged, SitesAdded
 
 T = TypeVar("T")
 
@@ -154,6 +154,71 @@ def demo(
     from edgebus.demo import run_demo
 
     run_demo(data_dir, console, duration_s=duration)
+
+
+@app.command()
+def simulate(
+    sites: Annotated[int, typer.Option(help="how many virtual sites")],
+    prefix: Annotated[str, typer.Option(help="site ids are <prefix>-<n>")] = "sim",
+    groups: Annotated[int, typer.Option(help="spread the sites over this many groups")] = 10,
+    interval_s: Annotated[float, typer.Option(help="heartbeat interval of every site")] = 30.0,
+    server: ServerOption = "nats://127.0.0.1:4222",
+    duration: Annotated[
+        float, typer.Option(help="run this many seconds after onboarding (0: until Ctrl-C)")
+    ] = 0.0,
+    silence: Annotated[int, typer.Option(help="this many sites go silent (link cut)")] = 0,
+    silence_after: Annotated[float, typer.Option(help="seconds after onboarding")] = 0.0,
+    silence_for: Annotated[
+        float, typer.Option(help="then they come back after this long (0: never)")
+    ] = 0.0,
+    connections: Annotated[int, typer.Option(help="NATS connections the fleet shares")] = 2,
+    credentials: Annotated[
+        Path | None, typer.Option(help="the simulator identity (a service creds file)")
+    ] = None,
+) -> None:
+    """Many virtual sites speaking the site protocol to the center (scale figures, demo).
+
+    They onboard with their own tokens and heartbeat like real sites, but share a few
+    connections under one simulator identity allowed to speak for all of them.
+    """
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeoutError
+
+    from edge_agent.simulator import SimulatorConfig
+    from edge_agent.simulator.runner import SilencePlan
+    from edge_agent.simulator.runner import simulate as run_simulation
+
+    try:
+        config = SimulatorConfig(
+            sites=sites,
+            server=server,
+            prefix=prefix,
+            groups=groups,
+            interval_s=interval_s,
+            connections=connections,
+            credentials=credentials,
+        )
+    except ValueError as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    plan = SilencePlan(silence, silence_after, silence_for or None)
+    try:
+        result = asyncio.run(
+            run_simulation(config, duration_s=duration or None, silence=plan, report=console.print)
+        )
+    except ConnectionError as exc:
+        err_console.print(f"[red]cannot reach the center:[/red] {exc}")
+        raise typer.Exit(2) from None
+    except (NoRespondersError, NatsTimeoutError):
+        err_console.print(f"[red]no controller answered at {server}[/red] (is one running?)")
+        raise typer.Exit(2) from None
+    stats = result.stats
+    console.print(
+        f"done after {result.seconds:.0f} s: {stats.onboarded:,}/{stats.sites:,} onboarded, "
+        f"{stats.beats_sent:,} heartbeats sent"
+    )
+    if result.onboarding.refused:
+        raise typer.Exit(1)
 
 
 # -- site ----------------------------------------------------------------------------
@@ -324,6 +389,7 @@ def _sites_call(server: str, work: Callable[[Bus], Awaitable[T]], timeout: float
     """Run one controller request against the center; failures exit with a clear message."""
     from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeoutError
+    from pydantic import ValidationError
 
     from bus.client import RemoteError
     from edgebus.center import connect_center
@@ -340,6 +406,10 @@ def _sites_call(server: str, work: Callable[[Bus], Awaitable[T]], timeout: float
         return asyncio.run(run())
     except SitesCommandError as exc:
         err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        err_console.print(f"[red]invalid input:[/red] {problems}")
         raise typer.Exit(2) from None
     except ConnectionError as exc:
         err_console.print(f"[red]cannot reach the center:[/red] {exc}")
@@ -437,10 +507,15 @@ def sites_show(
     _print_record(record, as_json)
 
 
-def _change(server: str, change: SiteChange, as_json: bool, timeout: float) -> None:
-    from edgebus.sites import change_site
+def _change(server: str, as_json: bool, timeout: float, **fields: Any) -> None:
+    from edgebus.sites import change_site, parse_labels
 
-    changed = _sites_call(server, lambda bus: change_site(bus, change), timeout)
+    def work(bus: Bus) -> Awaitable[SiteChanged]:
+        if "set_labels" in fields:  # parsed here so bad input gets the same clean exit
+            fields["set_labels"] = parse_labels(fields["set_labels"])
+        return change_site(bus, SiteChange(**fields))
+
+    changed = _sites_call(server, work, timeout)
     if changed.deleted:
         if as_json:
             print_json({"deleted": changed.record.site})
@@ -458,7 +533,7 @@ def sites_manage(
     timeout: TimeoutOption = 10.0,
 ) -> None:
     """Watch the site again: its offline alarm is raised (if it is offline)."""
-    _change(server, SiteChange(site=site, managed=True), as_json, timeout)
+    _change(server, as_json, timeout, site=site, managed=True)
 
 
 @sites_app.command("unmanage")
@@ -469,7 +544,7 @@ def sites_unmanage(
     timeout: TimeoutOption = 10.0,
 ) -> None:
     """Stop alarming about the site (maintenance); availability is still tracked."""
-    _change(server, SiteChange(site=site, managed=False), as_json, timeout)
+    _change(server, as_json, timeout, site=site, managed=False)
 
 
 @sites_app.command("delete")
@@ -480,7 +555,7 @@ def sites_delete(
     timeout: TimeoutOption = 10.0,
 ) -> None:
     """Remove the site and its token, and revoke its credentials."""
-    _change(server, SiteChange(site=site, delete=True), as_json, timeout)
+    _change(server, as_json, timeout, site=site, delete=True)
 
 
 @sites_app.command("group")
@@ -492,7 +567,7 @@ def sites_group(
     timeout: TimeoutOption = 10.0,
 ) -> None:
     """Move the site to another group."""
-    _change(server, SiteChange(site=site, group=group), as_json, timeout)
+    _change(server, as_json, timeout, site=site, group=group)
 
 
 @sites_app.command("label")
@@ -505,16 +580,9 @@ def sites_label(
     timeout: TimeoutOption = 10.0,
 ) -> None:
     """Set (k=v) and remove (--remove k) labels of a site."""
-    from edgebus.sites import SitesCommandError, parse_labels
-
-    try:
-        change = SiteChange(
-            site=site, set_labels=parse_labels(labels or []), remove_labels=remove or []
-        )
-    except (SitesCommandError, ValueError) as exc:
-        err_console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
-    _change(server, change, as_json, timeout)
+    _change(
+        server, as_json, timeout, site=site, set_labels=labels or [], remove_labels=remove or []
+    )
 
 
 def main() -> None:

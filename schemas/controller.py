@@ -218,3 +218,25 @@ class SiteChanged(EventData):
 
     record: SiteRecord
     deleted: bool = False
+
+
+# -- replica statistics --------------------------------------------------------------
+
+
+@event("edgebus.controller.stats.query", version=1)
+class ControllerStatsQuery(EventData):
+    """Ask a controller replica for its counters (monitoring, the scale benchmark)."""
+
+
+@event("edgebus.controller.stats", version=1)
+class ControllerStats(EventData):
+    """One replica's counters since it started; `counters` keys may grow over versions."""
+
+    replica: str = Field(max_length=200)
+    leader: bool
+    sites: int = Field(ge=0)  # records in this replica's registry copy
+    tracked: int = Field(ge=0)  # sites this replica has heard a heartbeat from
+    # heartbeats (received), rejected, transitions, persisted, sweeps, served_<op>,
+    # registry_conflicts, registry_resyncs
+    counters: dict[str, int]
+    at: datetime

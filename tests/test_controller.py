@@ -481,6 +481,46 @@ async def test_a_restart_neither_drops_live_sites_nor_revives_dead_ones(center: 
     assert await center.transitions("dead") == [(PEND, ON), (ON, DEG), (DEG, OFF)]
 
 
+async def test_a_hub_outage_loses_no_registry_write_and_raises_no_false_alarm(
+    center: Center,
+) -> None:
+    # Thresholds with room for the lease to be taken again after the outage.
+    policy = AvailabilityPolicy.for_interval(INTERVAL_S, degraded_after_s=1.5, offline_after_s=2.5)
+    a = await center.start_replica(policy=policy, lease_ttl_s=0.6)
+    b = await center.start_replica(policy=policy, lease_ttl_s=0.6)
+    await center.add_and_onboard("s1")
+    beats = Heartbeats(await center.bus(center.url, "s1", scope="s1"), "s1")
+    beats.start()
+    await center.wait_state("s1", ON)
+
+    # Down for longer than the offline threshold, and the site's next heartbeat comes after
+    # a leader is sweeping again (as with 30 s heartbeats in production): its last one
+    # looks old, yet the silence was the center's own.
+    await beats.stop()
+    await asyncio.to_thread(center.topology.hub.stop)
+    await asyncio.sleep(1.4 * policy.offline_after_s)
+    await asyncio.to_thread(center.topology.hub.start)
+    await eventually(lambda: a.service.is_leader or b.service.is_leader, 10, "a leader again")
+    await asyncio.sleep(0.3)  # several sweeps
+    beats.start()
+    await eventually(lambda: center.operator.nc.is_connected, 10, "operator reconnected")
+    changed = await center.change("s1", set_labels={"after": "restart"})
+
+    def both_see_it() -> bool:
+        records = [r.service.registry.get("s1") if r.service.registry else None for r in (a, b)]
+        return all(rec is not None and rec.labels.get("after") == "restart" for rec in records)
+
+    # Without asking them (no query barrier): each replica's own copy catches up.
+    await eventually(both_see_it, 10, "both replicas' registry copies see the change")
+    await asyncio.sleep(policy.offline_after_s)
+    await beats.stop()
+
+    assert changed.record.labels == {"after": "restart"}
+    # Heartbeats missed while the hub was down are the center's fault, not the site's.
+    assert await center.transitions("s1") == [(PEND, ON)]
+    assert await center.alarms("s1") == []
+
+
 # -- two replicas ------------------------------------------------------------------------------
 
 
@@ -677,6 +717,8 @@ async def test_sites_cli_against_a_running_controller(center: Center) -> None:
     code_del, _, _ = await run_cli(center, "sites", "delete", "c2")
     code_missing, _, err_missing = await run_cli(center, "sites", "show", "c2")
     code_bad, _, err_bad = await run_cli(center, "sites", "label", "c1", "novalue")
+    code_id, _, err_id = await run_cli(center, "sites", "add", "no spaces!")
+    code_ttl, _, err_ttl = await run_cli(center, "sites", "add", "c3", "--ttl", "90d")
     await beats.stop()
 
     assert set(listed) == {"c1", "c2"}
@@ -688,6 +730,9 @@ async def test_sites_cli_against_a_running_controller(center: Center) -> None:
     assert code_del == 0
     assert code_missing == 1 and "no site c2" in err_missing
     assert code_bad == 2 and "key=value" in err_bad
+    assert code_id == 2 and "invalid input" in err_id
+    assert code_ttl == 2 and "token_ttl_s" in err_ttl
+    assert await center.record("c3") is None
 
 
 async def test_sites_cli_says_so_when_no_controller_answers(center: Center) -> None:

@@ -167,7 +167,9 @@ class SiteRequests:
         # Read-your-writes across replicas: a change served by another replica a moment
         # ago must show up here.
         await self._registry.barrier(self._config.read_barrier_timeout_s)
-        chosen = select(self._registry.records(), q)
+        one = self._registry.get(q.site) if q.site is not None else None
+        candidates = ([one] if one else []) if q.site is not None else self._registry.records()
+        chosen = select(candidates, q)
         items, next_after = page(chosen, q.after, q.limit)
         return SitesList(
             sites=[self._overlay(r) for r in items], total=len(chosen), next_after=next_after

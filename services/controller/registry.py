@@ -60,7 +60,9 @@ class Registry:
         # resurrect a record a newer delete removed.
         self._revisions: dict[str, int] = {}
         self._applied = 0  # highest revision delivered by the watcher (not by our writes)
+        self._checked_at = -1  # `_applied` at the previous watchdog check
         self._progress = asyncio.Event()
+        self._resyncing = asyncio.Lock()
         self._watcher: KeyValue.KeyWatcher | None = None
         self._follow: asyncio.Task[None] | None = None
         self.conflicts = 0
@@ -93,21 +95,36 @@ class Registry:
     async def barrier(self, timeout: float) -> bool:
         """Wait until this copy has seen every write made so far by any replica.
 
-        True once caught up; False after `timeout` (the copy is then re-synchronised).
+        True once caught up; False after `timeout` (re-synchronised if it made no progress).
         """
-        info = await self._js.stream_info(self._stream)
-        target = info.state.last_seq
+        target = await self._last_revision()
+        started_at = self._applied
         deadline = time.monotonic() + timeout
         while self._applied < target:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._log.warning("registry_lagging", applied=self._applied, target=target)
-                await self.resync()
+                if self._applied == started_at:
+                    await self.resync()
                 return False
             self._progress.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._progress.wait(), remaining)
         return True
+
+    async def check(self) -> None:
+        """Watchdog, called periodically: a copy that is behind the bucket and has not moved
+        since the last check lost its watcher (e.g. the server restarted): re-synchronise."""
+        target = await self._last_revision()
+        behind = self._applied < target
+        if behind and self._applied == self._checked_at:
+            self._log.warning("registry_watch_stalled", applied=self._applied, target=target)
+            await self.resync()
+        self._checked_at = self._applied
+
+    async def _last_revision(self) -> int:
+        info = await self._js.stream_info(self._stream)
+        return int(info.state.last_seq)
 
     # -- writes -----------------------------------------------------------------------
 
@@ -161,9 +178,12 @@ class Registry:
 
     async def resync(self) -> None:
         """Restart the watcher (e.g. its consumer was lost): reloads the latest of each key."""
-        self.resyncs += 1
-        await self.stop()
-        await self.start()
+        if self._resyncing.locked():
+            return  # one is under way: it will bring the copy up to date
+        async with self._resyncing:
+            self.resyncs += 1
+            await self.stop()
+            await self.start()
 
     async def stop(self) -> None:
         if self._follow is not None:

@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import Callable
 from datetime import datetime
 
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from bus import subjects
@@ -26,8 +27,15 @@ from bus.streams import (
     ensure_stream,
     site_events_center_stream,
 )
-from schemas.controller import OnboardRequest, SiteChange, SitesAdd, SitesQuery
-from schemas.envelope import utc_now
+from schemas.controller import (
+    ControllerStats,
+    ControllerStatsQuery,
+    OnboardRequest,
+    SiteChange,
+    SitesAdd,
+    SitesQuery,
+)
+from schemas.envelope import Event, EventData, utc_now
 from services.controller.config import ControllerConfig
 from services.controller.credentials import SiteAuthority
 from services.controller.emitter import Emitter
@@ -37,6 +45,7 @@ from services.controller.monitor import AvailabilityMonitor
 from services.controller.registry import Registry
 
 SERVICE = "controller"
+REGISTRY_CHECK_S = 2.0
 
 
 def request_subjects() -> dict[str, str]:
@@ -46,6 +55,7 @@ def request_subjects() -> dict[str, str]:
         "query": subjects.control(SERVICE, "sites", "query"),
         "change": subjects.control(SERVICE, "sites", "change"),
         "onboard": subjects.control(SERVICE, "onboard"),
+        "stats": subjects.control(SERVICE, "stats"),
     }
 
 
@@ -73,8 +83,8 @@ class ControllerService:
         self.monitor: AvailabilityMonitor | None = None
         self.requests: SiteRequests | None = None
         self._subscriptions: list[Subscription] = []
-        self._lease_task: asyncio.Task[None] | None = None
-        self._lease_stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = asyncio.Event()
         self.started = asyncio.Event()  # set once every request subject is served
         self._log = get_logger("controller", replica=self.config.replica_id)
 
@@ -118,7 +128,10 @@ class ControllerService:
         )
         await self.monitor.start()
         await self.lease.tick()
-        self._lease_task = asyncio.create_task(self._keep_lease())
+        self._tasks = [
+            asyncio.create_task(self._keep_lease()),
+            asyncio.create_task(self._keep_registry()),
+        ]
 
         ops = request_subjects()
         queue = self.config.request_queue
@@ -144,9 +157,12 @@ class ControllerService:
                 queue=queue,
                 component="controller-onboard",
             ),
+            # Every replica answers from its own counters: the first reply wins.
+            await self.bus.serve(
+                ops["stats"], ControllerStatsQuery, self._stats, component="controller-stats"
+            ),
         ]
-        # The server must have our subscriptions before anyone is told we are up.
-        await self.bus.nc.flush()
+        await self._confirm_subscriptions()
         self.started.set()
         self._log.info(
             "controller_started",
@@ -155,6 +171,25 @@ class ControllerService:
             heartbeat_interval_s=self.config.policy.heartbeat_interval_s,
             offline_after_s=self.config.policy.offline_after_s,
         )
+
+    async def _confirm_subscriptions(self) -> None:
+        """Return once the server has every subscription made so far.
+
+        Not `nc.flush()`: nats-py 2.16 writes its PING past the pending-command buffer, so
+        the PONG can come back before the SUBs went out (measured: ~5% of starts answered
+        "no responders" right after). A request to ourselves is queued behind the SUBs.
+        """
+        nc = self.bus.nc
+        echo = nc.new_inbox()
+
+        async def answer(msg: Msg) -> None:
+            await nc.publish(msg.reply, b"")
+
+        sub = await nc.subscribe(echo, cb=answer)
+        try:
+            await nc.request(echo, b"", timeout=5.0)
+        finally:
+            await sub.unsubscribe()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start, serve until `stop` is set, then stop cleanly (handing the lease over)."""
@@ -165,13 +200,49 @@ class ControllerService:
         finally:
             await self.close()
 
+    async def _stats(self, request: Event[ControllerStatsQuery]) -> EventData:
+        assert self.monitor is not None and self.registry is not None
+        assert self.requests is not None
+        counters = dict(self.monitor.stats)
+        counters.update({f"served_{op}": n for op, n in self.requests.served.items()})
+        counters["registry_conflicts"] = self.registry.conflicts
+        counters["registry_resyncs"] = self.registry.resyncs
+        return ControllerStats(
+            replica=self.config.replica_id,
+            leader=self.is_leader,
+            sites=len(self.registry),
+            tracked=len(self.monitor.table),
+            counters=counters,
+            at=self._clock(),
+        )
+
     async def _keep_lease(self) -> None:
         assert self.lease is not None
-        while not self._lease_stop.is_set():
+        while not self._closing.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lease_stop.wait(), self.config.lease_renew_s)
-            if not self._lease_stop.is_set():
+                await asyncio.wait_for(self._closing.wait(), self.config.lease_renew_s)
+            if not self._closing.is_set():
                 await self.lease.tick()
+
+    async def _keep_registry(self) -> None:
+        """Re-synchronise the registry copy after a reconnect (the server may have restarted
+        and lost the watcher's consumer), and whenever the watchdog finds it stalled."""
+        assert self.registry is not None
+        reconnects = self.bus.nc.stats.get("reconnects", 0)
+        while not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), REGISTRY_CHECK_S)
+            if self._closing.is_set() or not self.bus.nc.is_connected:
+                continue
+            try:
+                now_reconnects = self.bus.nc.stats.get("reconnects", 0)
+                if now_reconnects != reconnects:
+                    reconnects = now_reconnects
+                    await self.registry.resync()
+                else:
+                    await self.registry.check()
+            except Exception as exc:  # retried at the next check
+                self._log.warning("registry_check_failed", error=repr(exc))
 
     async def close(self) -> None:
         """Finish in-flight requests, stop listening, release the lease."""
@@ -181,11 +252,11 @@ class ControllerService:
                 await sub.drain()  # type: ignore[no-untyped-call]
         if self.monitor is not None:
             await self.monitor.stop()
-        self._lease_stop.set()
-        if self._lease_task is not None:
+        self._closing.set()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             with contextlib.suppress(Exception):
-                await self._lease_task
-            self._lease_task = None
+                await task
         if self.lease is not None and not self.bus.nc.is_closed:
             await self.lease.release()
         if self.registry is not None:

@@ -1,0 +1,69 @@
+"""Encode a new event straight to JSON bytes, without building the envelope object first.
+
+The publish hot path: the payload is an already-validated model and the envelope attributes
+are generated here or checked once, so re-validating them per event would only cost time.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+
+from schemas.envelope import EventData, schema_uri, utc_now
+from schemas.ids import new_event_id
+
+_MAX_SOURCE = 512
+_MAX_SUBJECT = 512
+_MAX_CORRELATION = 128
+
+
+def _json_string(value: str, name: str, max_len: int) -> str:
+    if not value or len(value) > max_len:
+        raise ValueError(f"CloudEvents attribute {name!r} must be 1..{max_len} characters")
+    return json.dumps(value)
+
+
+@lru_cache(maxsize=4096)
+def _prefix(model: type[EventData], source: str) -> bytes:
+    """The attributes that are the same for every event of one type from one source."""
+    if not model.event_type:
+        raise TypeError(f"{model.__name__} is not a registered event payload")
+    dataschema = model.event_schema_uri or schema_uri(model.event_type, model.event_version)
+    return (
+        '{"specversion":"1.0","datacontenttype":"application/json"'
+        f',"source":{_json_string(source, "source", _MAX_SOURCE)}'
+        f',"type":{json.dumps(model.event_type)},"dataschema":{json.dumps(dataschema)}'
+    ).encode()
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 (`isoformat` of an aware datetime is; it is 3x cheaper than strftime)."""
+    return moment.isoformat()
+
+
+def encode_new_event(
+    data: EventData,
+    *,
+    source: str,
+    subject: str | None = None,
+    correlation_id: str | None = None,
+) -> tuple[str, bytes]:
+    """(event id, CloudEvents structured-JSON bytes) for a fresh event around `data`.
+
+    Decodes to exactly what `new_event(...)` with the same id and time would encode.
+    """
+    event_id = new_event_id()
+    parts = [
+        _prefix(type(data), source),
+        f',"id":"{event_id}","time":"{format_time(utc_now())}"'.encode(),
+    ]
+    if subject is not None:
+        parts.append(f',"subject":{_json_string(subject, "subject", _MAX_SUBJECT)}'.encode())
+    if correlation_id is not None:
+        value = _json_string(correlation_id, "correlationid", _MAX_CORRELATION)
+        parts.append(f',"correlationid":{value}'.encode())
+    parts.append(b',"data":')
+    parts.append(data.__pydantic_serializer__.to_json(data))
+    parts.append(b"}")
+    return event_id, b"".join(parts)
