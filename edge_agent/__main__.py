@@ -33,6 +33,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--replay-max-age-s", type=float, default=defaults.max_age_s)
     p.add_argument("--replay-policy", choices=ReplayFullPolicy.ALL, default=defaults.policy)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument(
+        "--ack-wait-s",
+        type=float,
+        default=defaults.ack_wait_s,
+        help="after a crash, unacked replay-log and device entries come back after this",
+    )
+    p.add_argument(
+        "--publish-timeout-s",
+        type=float,
+        default=defaults.publish_timeout_s,
+        help="how long the forwarder waits for the center's acks of one batch",
+    )
+    p.add_argument(
+        "--backoff-max-s",
+        type=float,
+        default=defaults.backoff_max_s,
+        help="longest pause between the forwarder's retries while the center is unreachable",
+    )
     p.add_argument("--max-payload-bytes", type=int, default=IngestLimits().max_payload_bytes)
     p.add_argument("--credentials", type=Path, help="NATS credentials file for the site server")
     p.add_argument(
@@ -48,6 +66,9 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         max_age_s=args.replay_max_age_s,
         policy=args.replay_policy,
         batch_size=args.batch_size,
+        ack_wait_s=args.ack_wait_s,
+        publish_timeout_s=args.publish_timeout_s,
+        backoff_max_s=args.backoff_max_s,
     )
     return AgentConfig(
         site=subjects.site_id(args.site),

@@ -1,4 +1,4 @@
-"""`EdgeAgent`: one site's agent process: ingest, bridge, replay-log forwarder, alarms, status.
+"""`EdgeAgent`: one site's agent process: ingest, bridge, forwarder, alarms, heartbeat, status.
 
 Every part runs as a supervised task (a crash is logged and restarted with backoff); the agent
 talks only to its site's own nats-server, so it keeps working with the center unreachable.
@@ -31,6 +31,7 @@ from bus.streams import (
 )
 from edge_agent.alarms.local import LocalAlarms
 from edge_agent.config import AgentConfig
+from edge_agent.heartbeat import HeartbeatSender, agent_heartbeat
 from edge_agent.ingest.bridge import MqttBridge
 from edge_agent.ingest.worker import IngestTuning, IngestWorker
 from edge_agent.replay.monitor import ReplayMonitor
@@ -111,6 +112,7 @@ class EdgeAgent:
         self.monitor: ReplayMonitor | None = None
         self.alarms: LocalAlarms | None = None
         self.status: StatusResponder | None = None
+        self.heartbeat: HeartbeatSender | None = None
         self._log = get_logger("edge_agent", site=self.site)
 
     # -- the whole run ---------------------------------------------------------------
@@ -175,7 +177,7 @@ class EdgeAgent:
         return False
 
     def _build(self, bus: Bus, replay_log: ReplayLog) -> list[list[tuple[str, RunFn]]]:
-        """Every part, in groups stopped in this order: inputs first, status last."""
+        """Every part, in groups stopped in this order: heartbeat and inputs first, status last."""
         config = self.config
         self.ingest = IngestWorker(bus, replay_log, config, ingest_tuning(config))
         self.alarms = LocalAlarms(bus, replay_log, self.site)
@@ -190,11 +192,22 @@ class EdgeAgent:
             agent_version=self.version,
             started_at=self.started_at,
         )
+        self.heartbeat = agent_heartbeat(
+            bus,
+            self.site,
+            interval_s=config.heartbeat_interval_s,
+            data_dir=config.data_dir,
+            agent_version=self.version,
+            device_count=self._device_count,
+            replay_snapshot=self._replay_snapshot,
+        )
         inputs: list[tuple[str, RunFn]] = []
         if config.external_broker is not None:
             self.bridge = MqttBridge(bus, config)
             inputs.append(("bridge", self.bridge.run))
         return [
+            # First to stop: the center should stop hearing "alive" from a site shutting down.
+            [("heartbeat", self.heartbeat.run)],
             inputs,
             [("ingest", self.ingest.run)],
             [("forwarder", self.forwarder.run)],
@@ -202,12 +215,15 @@ class EdgeAgent:
             [("status", self.status.run)],
         ]
 
+    def _device_count(self) -> int:
+        return self.ingest.device_count() if self.ingest else 0
+
+    def _replay_snapshot(self) -> dict[str, Any]:
+        return self.monitor.snapshot() if self.monitor else {}
+
     def _status_sources(self) -> StatusSources:
         def ingest() -> dict[str, Any]:
             return self.ingest.stats().as_dict() if self.ingest else {}
-
-        def replay() -> dict[str, Any]:
-            return dict(self.monitor.snapshot()) if self.monitor else {}
 
         def alarms() -> list[str]:
             return [alarm.alarm_id for alarm in self.alarms.active()] if self.alarms else []
@@ -220,7 +236,7 @@ class EdgeAgent:
 
         return StatusSources(
             ingest=ingest,
-            replay=replay,
+            replay=self._replay_snapshot,
             active_alarms=alarms,
             dead_letters=dead_letters,
             bridge=bridge,

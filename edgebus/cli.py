@@ -143,17 +143,38 @@ def center_run(
 
 @app.command()
 def demo(
-    data_dir: Annotated[Path, typer.Option(help="where the demo keeps its state")] = Path(
-        ".edgebus/demo"
-    ),
+    data_dir: Annotated[
+        Path, typer.Option(help="where the demo keeps its state (emptied at every run)")
+    ] = Path(".edgebus/demo"),
     duration: Annotated[
         float, typer.Option(help="stop after this many seconds (0: until Ctrl-C)")
     ] = 0.0,
+    sites: Annotated[int, typer.Option(help="real sites (own nats-server and agent each)")] = 2,
+    simulate: Annotated[int, typer.Option(help="add this many virtual sites (simulator)")] = 0,
+    devices: Annotated[int, typer.Option(help="simulated devices per real site")] = 3,
+    device_interval: Annotated[float, typer.Option(help="seconds between readings")] = 1.0,
+    summary_json: Annotated[
+        Path | None, typer.Option(help="write a JSON summary of the run here at exit")
+    ] = None,
 ) -> None:
-    """The embedded demo on this machine; Ctrl-C stops everything it started."""
-    from edgebus.demo import run_demo
+    """The embedded demo: center, controller, sites onboarded zero-touch, devices over MQTT
+    and a live fleet table; Ctrl-C stops everything it started."""
+    from edgebus.demo import DemoOptions, run_demo
 
-    run_demo(data_dir, console, duration_s=duration)
+    try:
+        options = DemoOptions(
+            data_dir=data_dir,
+            duration_s=duration,
+            sites=sites,
+            simulate=simulate,
+            devices_per_site=devices,
+            device_interval_s=device_interval,
+            summary_json=summary_json,
+        )
+    except ValueError as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    raise typer.Exit(run_demo(options, console))
 
 
 @app.command()

@@ -34,6 +34,9 @@ COMPONENT = "ingest"
 READING_KIND = "reading"
 INGEST_STREAM = site_ingest_stream().name
 _SUBJECT_CACHE_SIZE = 50_000
+# Distinct devices are counted exactly up to this many; past it the count stays at the cap
+# (a site with more devices reports the cap): memory stays bounded whatever devices send.
+MAX_TRACKED_DEVICES = 100_000
 _REFUSED_LOG_INTERVAL_S = 10.0
 
 
@@ -71,6 +74,7 @@ class IngestStats:
     published_local: int = 0
     batches: int = 0
     order_waits: int = 0
+    devices_seen: int = 0  # distinct devices with a valid reading; capped (MAX_TRACKED_DEVICES)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +88,7 @@ class IngestStats:
             "published_local": self.published_local,
             "batches": self.batches,
             "order_waits": self.order_waits,
+            "devices_seen": self.devices_seen,
         }
 
 
@@ -114,6 +119,11 @@ class _Counters:
         self.published_local = 0
         self.batches = 0
         self.order_waits = 0
+        self.devices: set[str] = set()
+
+    def see_device(self, device: str) -> None:
+        if len(self.devices) < MAX_TRACKED_DEVICES:
+            self.devices.add(device)
 
     def snapshot(self) -> IngestStats:
         return IngestStats(
@@ -127,6 +137,7 @@ class _Counters:
             published_local=self.published_local,
             batches=self.batches,
             order_waits=self.order_waits,
+            devices_seen=len(self.devices),
         )
 
 
@@ -181,6 +192,10 @@ class IngestWorker:
 
     def stats(self) -> IngestStats:
         return self._counters.snapshot()
+
+    def device_count(self) -> int:
+        """Distinct devices seen since start, at most `MAX_TRACKED_DEVICES` (cheap)."""
+        return len(self._counters.devices)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -304,6 +319,7 @@ class IngestWorker:
         if isinstance(outcome, Rejection):
             return outcome
         device, channel = outcome.device, outcome.channel
+        self._counters.see_device(device)
         event: Event[Any] = self.bus.event(outcome, subject=f"{device}/{channel}")
         entry = LogEntry(
             kind=READING_KIND,
