@@ -521,10 +521,14 @@ class SubscriberResult:
 
 
 def subscriber_process(
-    host: str, port: int, client_id: str, expected: int, ready: MpEvent, stop: MpEvent,
-    results: Any, idle_timeout_s: float,
+    host: str, port: int, client_id: str, expected: int, device_prefix: str, ready: MpEvent,
+    stop: MpEvent, results: Any, idle_timeout_s: float,
 ) -> None:
-    """A center application: persistent session, QoS 1 on dev/#; collects (device, seq)."""
+    """A center application: persistent session, QoS 1 on dev/#; collects (device, seq).
+
+    Done once `expected` distinct pairs of devices named `device_prefix...` have arrived, or
+    nothing arrived for `idle_timeout_s` after the first message.
+    """
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -554,7 +558,7 @@ def subscriber_process(
             if result.received == 1:
                 result.t_first = now
             result.pairs.append((device, seq))
-            if (device, seq) not in seen:
+            if device.startswith(device_prefix) and (device, seq) not in seen:
                 seen.add((device, seq))
                 result.t_last_new = now
                 if len(seen) >= expected:
@@ -596,15 +600,15 @@ class CenterSubscriber:
 
     def __init__(
         self, ctx: SpawnContext, host: str, port: int, client_id: str, expected: int,
-        idle_timeout_s: float,
+        device_prefix: str, idle_timeout_s: float,
     ) -> None:
         self._ready = ctx.Event()
         self._stop = ctx.Event()
         self._results: Any = ctx.Queue()
         self._proc = ctx.Process(
             target=subscriber_process,
-            args=(host, port, client_id, expected, self._ready, self._stop, self._results,
-                  idle_timeout_s),
+            args=(host, port, client_id, expected, device_prefix, self._ready, self._stop,
+                  self._results, idle_timeout_s),
             name=client_id, daemon=True,
         )
 
@@ -637,8 +641,9 @@ class CenterSubscriber:
 
 
 @contextlib.contextmanager
-def bridged_mosquittos(base: Path) -> Iterator[tuple[Any, Any, Any]]:
-    """(edge, proxy, center): an edge mosquitto bridged through a LinkProxy to a center one.
+def bridged_mosquittos(base: Path, via_proxy: bool = True) -> Iterator[tuple[Any, Any, Any]]:
+    """(edge, proxy, center): an edge mosquitto bridged through a LinkProxy to a center one
+    (or straight to it, `via_proxy=False`: the proxy then exists but carries nothing).
 
     Bridge "dev/# out 1", cleansession false, persistence on at both ends, unbounded queues.
     """
@@ -655,7 +660,9 @@ def bridged_mosquittos(base: Path) -> Iterator[tuple[Any, Any, Any]]:
         center.start()
         proxy.start()
         bridge = MosquittoBridge(
-            remote_host=proxy.listen_host, remote_port=proxy.port, topics=("dev/# out 1",)
+            remote_host=proxy.listen_host if via_proxy else center.host,
+            remote_port=proxy.port if via_proxy else center.port,
+            topics=("dev/# out 1",),
         )
         edge = MosquittoProcess(
             MosquittoSpec(persistence=True, persistence_dir=base / "edge-data", bridge=bridge),

@@ -218,7 +218,8 @@ class Rig:
         pubs = Publishers(self.ctx, jobs)
         trial = Trial("peer", round_no, pubs.total)
         sub = CenterSubscriber(
-            self.ctx, center.host, center.port, f"center-app-{round_no}", trial.n, IDLE_TIMEOUT_S
+            self.ctx, center.host, center.port, f"center-app-{round_no}", trial.n,
+            f"peer{round_no}-", IDLE_TIMEOUT_S,
         )
         await asyncio.to_thread(sub.start)
         await asyncio.to_thread(pubs.start)
@@ -258,7 +259,8 @@ async def run(args: argparse.Namespace, say: Callable[[str], None]) -> list[Tria
         rig = Rig(ctx, base, args)
         try:
             await rig.start()
-            with bridged_mosquittos(base / "peer") as peer:
+            # Bridged directly, as ours runs over a direct leaf link (no proxy in between).
+            with bridged_mosquittos(base / "peer", via_proxy=False) as peer:
                 rig.peer = peer
                 if not args.no_peer:
                     await asyncio.to_thread(probe_bridge, peer[0], peer[2])
@@ -311,8 +313,15 @@ def main(argv: list[str] | None = None) -> int:
           sum(t.delivery.out_of_order if t.delivery else 0 for t in ts)]
          for p, ts in by_path.items()],
     ))
+    cpu_total = {p: sum(cpu.values()) for p, cpu in cpu_med.items()}
     for p, cpu in cpu_med.items():
-        say(f"  {p:<8} CPU µs/msg: " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()))
+        say(f"  {p:<8} CPU µs/msg: " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
+            + f"  = {cpu_total[p]:.0f} in all")
+    # With every process on this machine's cores, a CPU-saturated run can reach at most this
+    # ratio: the baseline's total CPU per message over ours.
+    cpu_bound = safe_ratio(cpu_total.get("baseline", math.nan), cpu_total.get("ours", math.nan))
+    say(f"\nours/baseline = {safe_ratio(ours, base):.3f} (target >= {TARGET}); CPU-bound "
+        f"ceiling on this machine = {cpu_bound:.3f}")
     ours_trials = by_path.get("ours", [])
     peer_trials = by_path.get("peer", [])
     BenchResult(
@@ -337,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             "peer_out_of_order": sum(t.delivery.out_of_order if t.delivery else 0
                                      for t in peer_trials) if peer_trials else None,
             "cpu_us_per_msg": cpu_med,
+            "cpu_us_per_msg_total": cpu_total,
+            "cpu_bound_ratio": cpu_bound,
             "per_round": {p: [t.rate for t in ts] for p, ts in by_path.items()},
             "n": n,
             "publishers": args.publishers,

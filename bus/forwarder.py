@@ -1,7 +1,8 @@
 """The replay-log forwarder: moves the site's REPLAY stream to the center's JetStream, in order.
 
 Each entry's bytes go out unchanged with `Nats-Msg-Id` = its event id; the local ack follows the
-center's ack. Guarantees and their assumptions are spelled out on `Forwarder`.
+center's ack. Guarantees and their assumptions are spelled out on `Forwarder`; its config, stats,
+pure batch-outcome decisions and pull requests live in `bus.forwarding`.
 """
 
 from __future__ import annotations
@@ -9,298 +10,61 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import random
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import Enum
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import NotFoundError
 
 from bus import subjects
 from bus.deadletter import DeadLetterSink
+from bus.forwarding.config import ForwarderConfig
+from bus.forwarding.outcomes import (
+    OrderWatch,
+    Outcome,
+    Unforwardable,
+    backoff_delay,
+    classify,
+    describe,
+    overtaken,
+    reached_center,
+    retry_delay,
+    settled_prefix,
+)
+from bus.forwarding.puller import Puller, PullError
+from bus.forwarding.stats import BacklogStats, ForwarderStats, RateMeter
 from bus.jspublish import PipelinedPublisher
 from bus.log import get_logger
 from bus.replaylog import EVENT_ID_HEADER, FORWARDER_CONSUMER, MSG_ID_HEADER, STREAM
 
+# Re-exported: callers and tests import these from `bus.forwarder`.
+__all__ = [
+    "DEAD_LETTER_COMPONENT",
+    "DEAD_LETTER_REASON",
+    "BacklogStats",
+    "Forwarder",
+    "ForwarderConfig",
+    "ForwarderStats",
+    "OrderWatch",
+    "Outcome",
+    "Unforwardable",
+    "backoff_delay",
+    "classify",
+    "describe",
+    "overtaken",
+    "reached_center",
+    "retry_delay",
+    "settled_prefix",
+]
+
 DEAD_LETTER_COMPONENT = "forwarder"
 DEAD_LETTER_REASON = "rejected_by_center"
-# JetStream "stream full" answers: the center must make room; never dead-letter for them.
-_CENTER_FULL_ERR_CODES = frozenset({10047, 10077, 10078})
-# How long past the server-side expiry a pull request may stay unanswered before we give up.
-_FETCH_MARGIN_S = 2.0
-_RATE_WINDOW_S = 10.0
-
-
-@dataclass(frozen=True)
-class ForwarderConfig:
-    """Pacing of one forwarder; `batch_size` should equal the consumer's `max_ack_pending`."""
-
-    batch_size: int = 500
-    publish_timeout_s: float = 5.0  # a batch's center acks must all arrive within this
-    backoff_min_s: float = 0.2
-    backoff_max_s: float = 10.0
-    fetch_timeout_s: float = 2.0  # long poll of an idle log (server side), not a retry pace
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        if not 0 < self.backoff_min_s <= self.backoff_max_s:
-            raise ValueError("need 0 < backoff_min_s <= backoff_max_s")
-        if self.publish_timeout_s <= 0 or self.fetch_timeout_s <= 0:
-            raise ValueError("timeouts must be positive")
-
-
-@dataclass(frozen=True)
-class ForwarderStats:
-    """Counters since this forwarder started (plain data for status and alarms)."""
-
-    forwarded: int  # entries the center acked (stored or duplicate), then acked locally
-    stored_at_center: int
-    duplicates_at_center: int  # re-sent entries the center already had (dedup window)
-    dead_lettered: int  # entries the center rejected for good; kept in the site's DLQ
-    failures: int  # attempts (fetch or batch) that failed and were retried after a backoff
-    consecutive_failures: int
-    last_error: str | None
-    link_up: bool | None  # did the last attempt reach the center? None: no attempt yet
-    rate_per_s: float  # forwarded entries per second over the last few seconds
-    order_violations: int  # re-sent entries stored fresh after a later one (must stay 0)
-    dropped_seen: int  # entries found removed from the log before they were forwarded
-    fetches: int  # non-empty batches pulled from the log
-    pulls: int  # pull requests, empty long polls included (an idle log: one per fetch_timeout)
-    publishes: int  # publish attempts to the center, retries included
-    redelivery_waits: int  # times an older entry was still held by a dead forwarder
-    probing: bool  # after a failure: one entry at a time until one gets through
-
-
-@dataclass(frozen=True)
-class BacklogStats:
-    """The replay log as JetStream sees it, plus what this forwarder knows of drops.
-
-    `dropped` counts stream sequences that vanished (drop-oldest, max age) without reaching
-    the center: those passed over since the watermark (the consumer's ack floor at start,
-    then each entry this forwarder settled) plus those gone below the log's first stored
-    entry right now. Entries in the forwarder's hands are not lost (it has their bytes).
-    Exact within one forwarder process; across a restart, a killed forwarder's unacked batch
-    that the log then dropped is not counted (JetStream moves the ack floor over it).
-    """
-
-    depth: int  # entries not yet at the center: undelivered + delivered but unacked
-    messages: int
-    bytes: int
-    max_bytes: int  # -1: unbounded
-    oldest_unsent_age_s: float | None  # None when nothing is owed
-    dropped: int  # removed by the log's limits (drop-oldest, max age) before forwarding
-    first_seq: int
-    last_seq: int
-
-
-# -- the decision over one batch's results (pure) -------------------------------------
-
-
-class Outcome(Enum):
-    STORED = "stored"
-    DUPLICATE = "duplicate"
-    REJECTED = "rejected"  # permanent for this entry: dead-letter it, then move on
-    FAILED = "failed"  # transient (link down, no stream, timeout): retry later, in order
-
-
-class Unforwardable(Exception):
-    """An entry that cannot even be sent (no event id, not a replay subject)."""
-
-
-def classify(result: PubAck | BaseException) -> Outcome:
-    if isinstance(result, PubAck):
-        return Outcome.DUPLICATE if result.duplicate else Outcome.STORED
-    if isinstance(result, Unforwardable | MaxPayloadError):
-        return Outcome.REJECTED
-    if (
-        isinstance(result, APIError)
-        and result.code == 400
-        and result.err_code not in _CENTER_FULL_ERR_CODES
-    ):
-        return Outcome.REJECTED
-    return Outcome.FAILED
-
-
-def describe(error: BaseException) -> str:
-    """An error as text that keeps JetStream's code and description (its repr drops them)."""
-    if isinstance(error, APIError):
-        return f"{type(error).__name__} {error.code}/{error.err_code}: {error.description}"
-    return repr(error)
-
-
-def reached_center(result: PubAck | BaseException) -> bool:
-    """A PubAck or a JetStream error reply both prove the center answered."""
-    return isinstance(result, PubAck | APIError)
-
-
-def settled_prefix(outcomes: Sequence[Outcome]) -> int:
-    """How many leading entries are final (stored, duplicate or rejected): ack those, in order."""
-    for index, outcome in enumerate(outcomes):
-        if outcome is Outcome.FAILED:
-            return index
-    return len(outcomes)
-
-
-def overtaken(outcomes: Sequence[Outcome]) -> list[int]:
-    """Failed entries that a later entry of the same batch got past into the center.
-
-    If such an entry was really lost (not just its ack), resending it stores it after the later
-    one: an order violation, which the forwarder detects when the resend is stored fresh.
-    """
-    result: list[int] = []
-    reached_later = False
-    for index in range(len(outcomes) - 1, -1, -1):
-        outcome = outcomes[index]
-        if outcome in (Outcome.STORED, Outcome.DUPLICATE):
-            reached_later = True
-        elif outcome is Outcome.FAILED and reached_later:
-            result.append(index)
-    result.reverse()
-    return result
-
-
-def backoff_delay(failures: int, minimum: float, maximum: float) -> float:
-    """Exponential: minimum, 2x, 4x ... capped at maximum (before jitter)."""
-    if failures <= 0:
-        return 0.0
-    return float(min(maximum, minimum * 2 ** min(failures - 1, 32)))
-
-
-class OrderWatch:
-    """Spots order violations at the center from batch outcomes alone (no extra round trip).
-
-    A failed entry that a later one of its batch overtook is "at risk"; if its resend is then
-    stored fresh (not a duplicate), the center got it after the later one: a violation.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._at_risk: dict[str, None] = {}  # event ids, oldest first
-        self.violations = 0
-
-    def observe(self, event_ids: Sequence[str], outcomes: Sequence[Outcome]) -> list[str]:
-        """Record one batch's outcomes; returns the event ids found stored out of order."""
-        found: list[str] = []
-        for event_id, outcome in zip(event_ids, outcomes, strict=True):
-            if outcome is Outcome.FAILED or event_id not in self._at_risk:
-                continue
-            del self._at_risk[event_id]
-            if outcome is Outcome.STORED:
-                found.append(event_id)
-        for index in overtaken(outcomes):
-            self._at_risk[event_ids[index]] = None
-        while len(self._at_risk) > self._capacity:
-            del self._at_risk[next(iter(self._at_risk))]
-        self.violations += len(found)
-        return found
-
-
-# -- pulling batches from the durable consumer ----------------------------------------
-
-
-class _PullError(RuntimeError):
-    def __init__(self, status: str, description: str) -> None:
-        super().__init__(f"pull request answered {status} {description}".strip())
-        self.status = status
-        self.description = description
-
-
-class _Puller:
-    """One long-poll pull request per batch, on one inbox subscription.
-
-    `no_wait` together with `expires` makes the server answer as soon as anything is available
-    (then "404"), or "408" at expiry: an idle log costs one request per `wait_s`, never a spin,
-    and "nothing" is an empty list rather than an exception.
-    """
-
-    def __init__(self, nc: NatsClient, stream: str, consumer: str) -> None:
-        self._nc = nc
-        self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
-        self._inbox = ""
-        self._sub: Subscription | None = None
-        self._tokens = itertools.count()
-        self._token = ""
-        self._batch = 0
-        self._msgs: list[Msg] = []
-        self._status: tuple[str, str] | None = None
-        self._done = asyncio.Event()
-        self.stale = 0  # messages after the request was over: left to expire, never forwarded
-
-    async def start(self) -> None:
-        self._inbox = self._nc.new_inbox()
-        self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
-
-    async def close(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
-
-    async def fetch(self, batch: int, wait_s: float, stop: asyncio.Event) -> list[Msg]:
-        self._token = str(next(self._tokens))
-        self._batch = batch
-        self._msgs = []
-        self._status = None
-        self._done = asyncio.Event()
-        request = {"batch": batch, "expires": int(wait_s * 1e9), "no_wait": True}
-        await self._nc.publish(
-            self._api, json.dumps(request).encode(), reply=f"{self._inbox}.{self._token}"
-        )
-        waiters = [asyncio.ensure_future(self._done.wait()), asyncio.ensure_future(stop.wait())]
-        try:
-            await asyncio.wait(
-                waiters, timeout=wait_s + _FETCH_MARGIN_S, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-        msgs, done, status = self._msgs, self._done.is_set(), self._status
-        self._token = ""
-        if not done:
-            # Abandoned while the server may still deliver to it: a fresh inbox makes sure
-            # nothing of it is ever forwarded (such entries expire after ack_wait).
-            await self.close()
-            await self.start()
-            if not stop.is_set():
-                raise TimeoutError(f"pull request unanswered after {wait_s + _FETCH_MARGIN_S:.1f}s")
-        if status is not None and not msgs:
-            raise _PullError(*status)
-        return msgs
-
-    async def _on_msg(self, msg: Msg) -> None:
-        # Deliveries carry the entry's own subject; only status messages carry our token.
-        if not self._token:
-            if msg.reply:
-                self.stale += 1
-            return
-        if not msg.reply:  # a status message: JetStream deliveries always carry an ack subject
-            if msg.subject.rpartition(".")[2] != self._token:
-                return
-            headers = msg.headers or {}
-            status = headers.get("Status", "")
-            if status == "100":  # idle heartbeat
-                return
-            if status not in ("404", "408"):
-                self._status = (status, headers.get("Description", ""))
-            self._done.set()
-            return
-        self._msgs.append(msg)
-        if len(self._msgs) >= self._batch:
-            self._done.set()
-
-
-# -- the forwarder -------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -309,34 +73,6 @@ class _Entry:
     seq: int
     gap: int  # entries missing (dropped) between the previous settled one and this one
     event_id: str
-
-
-class _RateMeter:
-    """Events per second over a sliding window (1 s buckets)."""
-
-    def __init__(self, window_s: float = _RATE_WINDOW_S) -> None:
-        self._window = window_s
-        self._buckets: deque[tuple[int, int]] = deque()
-        self._started = time.monotonic()
-
-    def add(self, count: int, now: float | None = None) -> None:
-        second = int(now if now is not None else time.monotonic())
-        if self._buckets and self._buckets[-1][0] == second:
-            self._buckets[-1] = (second, self._buckets[-1][1] + count)
-        else:
-            self._buckets.append((second, count))
-        self._trim(second)
-
-    def rate(self, now: float | None = None) -> float:
-        current = now if now is not None else time.monotonic()
-        self._trim(int(current))
-        span = min(self._window, current - self._started)
-        total = sum(count for _, count in self._buckets)
-        return total / max(span, 1e-3) if total else 0.0
-
-    def _trim(self, second: int) -> None:
-        while self._buckets and self._buckets[0][0] <= second - self._window:
-            self._buckets.popleft()
 
 
 async def _sleep_unless_stopped(stop: asyncio.Event, delay: float) -> None:
@@ -375,7 +111,7 @@ class Forwarder:
         self._dead_letters = dead_letters or DeadLetterSink(self._js, self.site)
         self._filter = subjects.replay_all(self.site)
         self._publisher = PipelinedPublisher(nc)
-        self._puller = _Puller(nc, STREAM, FORWARDER_CONSUMER)
+        self._puller = Puller(nc, STREAM, FORWARDER_CONSUMER)
         self._log = get_logger("forwarder", site=self.site)
         # Highest stream sequence settled (forwarded, dead-lettered or known dropped); every
         # entry at or below it is done. None until read from the consumer's ack floor.
@@ -386,7 +122,7 @@ class Forwarder:
         self._inflight: list[_Entry] = []  # the batch being published right now
         self._probing = True  # the link may just be coming up: start with one entry
         self._order = OrderWatch(capacity=4 * self.config.batch_size)
-        self._rate = _RateMeter()
+        self._rate = RateMeter()
         self._link_up: bool | None = None
         self._link_down_since: float | None = None
         self._waiting = False
@@ -460,7 +196,7 @@ class Forwarder:
         """Forward until `stop` is set; never raises for link, center or log failures."""
         await self._publisher.start()
         await self._puller.start()
-        self._rate = _RateMeter()
+        self._rate = RateMeter()
         self._log.info("forwarder_started", batch_size=self.config.batch_size)
         try:
             while not stop.is_set():
@@ -504,7 +240,7 @@ class Forwarder:
         self._pulls += 1
         try:
             msgs = await self._puller.fetch(size, self.config.fetch_timeout_s, stop)
-        except _PullError as exc:
+        except PullError as exc:
             if "consumer deleted" in exc.description.lower():
                 self._watermark = None
             return self._local_failure(str(exc))
@@ -609,11 +345,11 @@ class Forwarder:
             return 0.0
         error = results[settled]
         self._probing = True
-        return self._failure(
-            f"entry seq {entries[settled].seq} not forwarded: {describe(error)}"
-            if isinstance(error, BaseException)
-            else f"entry seq {entries[settled].seq}: dead-letter store failed"
-        )
+        if isinstance(error, BaseException):
+            return self._failure(
+                f"entry seq {entries[settled].seq} not forwarded: {describe(error)}", error
+            )
+        return self._failure(f"entry seq {entries[settled].seq}: dead-letter store failed")
 
     def _check_order(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
         for event_id in self._order.observe([e.event_id for e in entries], outcomes):
@@ -685,13 +421,11 @@ class Forwarder:
         self._consecutive = 0
         self._probing = False  # one got through: the rest of what we hold goes as one batch
 
-    def _failure(self, error: str) -> float:
+    def _failure(self, error: str, cause: BaseException | None = None) -> float:
         self._failures += 1
         self._consecutive += 1
         self._last_error = error
-        delay = backoff_delay(
-            self._consecutive, self.config.backoff_min_s, self.config.backoff_max_s
-        )
+        delay = retry_delay(self._consecutive, cause, self.config)
         return delay * random.uniform(0.8, 1.0)
 
     def _local_failure(self, error: str) -> float:

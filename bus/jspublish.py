@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
@@ -16,9 +15,24 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import PubAck
 from nats.js.errors import APIError, NoStreamResponseError
+from pydantic_core import from_json
 
 _STATUS_HEADER = "Status"
 _NO_RESPONDERS = "503"
+# The fields of a plain PubAck; anything else (batch, counter value) takes nats-py's path.
+_PLAIN_ACK_KEYS = frozenset({"stream", "seq", "domain", "duplicate"})
+
+
+def pub_ack(response: dict[str, Any]) -> PubAck:
+    """The PubAck of one reply; built directly on the hot path (`from_response` costs 2x)."""
+    if response.keys() <= _PLAIN_ACK_KEYS:
+        return PubAck(
+            stream=response["stream"],
+            seq=response["seq"],
+            domain=response.get("domain"),
+            duplicate=response.get("duplicate"),
+        )
+    return PubAck.from_response(response)
 
 
 def error_from_reply(error: dict[str, Any]) -> APIError:
@@ -104,11 +118,13 @@ class PipelinedPublisher:
             future.set_exception(NoStreamResponseError())
             return
         try:
-            response = json.loads(msg.data)
-        except ValueError as exc:
+            # pydantic-core's parser: one C call, ~5x cheaper than json.loads for a PubAck.
+            response = from_json(msg.data)
+            if not isinstance(response, dict):
+                raise ValueError(f"JetStream reply is not an object: {msg.data[:80]!r}")
+            if "error" in response:
+                future.set_exception(error_from_reply(response["error"]))
+            else:
+                future.set_result(pub_ack(response))
+        except (ValueError, KeyError, TypeError) as exc:
             future.set_exception(exc)
-            return
-        if "error" in response:
-            future.set_exception(error_from_reply(response["error"]))
-        else:
-            future.set_result(PubAck.from_response(response))

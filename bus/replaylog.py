@@ -28,6 +28,7 @@ EVENT_ID_HEADER = "Edgebus-Event-Id"
 
 # JetStream error codes meaning "the stream is at its bound and discards new messages".
 _FULL_ERROR_CODES = frozenset({10047, 10077, 10078})
+_SUBJECT_CACHE_SIZE = 50_000
 
 
 class AppendStatus(StrEnum):
@@ -55,6 +56,9 @@ class LogEntry:
     key: str
     event: Event[Any]
     dedup_id: str | None = None
+    # The event's bytes if the caller encoded it already (it publishes them too): appended
+    # as they are. Must be what `registry.encode(event)` returns.
+    encoded: bytes | None = None
 
 
 def is_full_error(exc: BaseException) -> bool:
@@ -89,6 +93,8 @@ class ReplayLog:
         self.timeout_s = timeout_s
         self.refused = 0
         self._publisher: PipelinedPublisher | None = None
+        # (kind, key) -> subject: building one validates three tokens, on every append.
+        self._subjects: dict[tuple[str, str], str] = {}
 
     async def declare(self) -> None:
         """Create or update the stream and the forwarder's durable consumer."""
@@ -107,13 +113,21 @@ class ReplayLog:
             ),
         )
 
+    def _subject(self, kind: str, key: str) -> str:
+        subject = self._subjects.get((kind, key))
+        if subject is None:
+            if len(self._subjects) >= _SUBJECT_CACHE_SIZE:
+                self._subjects.clear()
+            subject = subjects.replay(self.site, kind, key)
+            self._subjects[(kind, key)] = subject
+        return subject
+
     def _publish_args(self, entry: LogEntry) -> tuple[str, bytes, dict[str, str]]:
-        subject = subjects.replay(self.site, entry.kind, entry.key)
-        headers = {
-            MSG_ID_HEADER: entry.dedup_id or entry.event.id,
-            EVENT_ID_HEADER: entry.event.id,
-        }
-        return subject, self.registry.encode(entry.event), headers
+        subject = self._subject(entry.kind, entry.key)
+        event_id = entry.event.id
+        headers = {MSG_ID_HEADER: entry.dedup_id or event_id, EVENT_ID_HEADER: event_id}
+        payload = entry.encoded if entry.encoded is not None else self.registry.encode(entry.event)
+        return subject, payload, headers
 
     async def append(self, entry: LogEntry) -> AppendResult:
         subject, payload, headers = self._publish_args(entry)

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -89,7 +90,9 @@ def claimed_data_dir(path: Path) -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)
     leftovers = [p for p in path.iterdir() if p.name not in (MARKER_FILE, LOCK_FILE)]
     if leftovers and not (path / MARKER_FILE).exists():
-        raise DemoError(f"{path} is not empty and was not made by the demo: give another --data-dir")
+        raise DemoError(
+            f"{path} is not empty and was not made by the demo: give another --data-dir"
+        )
     with (path / LOCK_FILE).open("a+") as lock:
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -105,6 +108,13 @@ def claimed_data_dir(path: Path) -> Iterator[Path]:
             yield path
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def describe_error(error: BaseException) -> str:
+    """A DemoError says it all; anything else also names its type (the traceback is logged)."""
+    if isinstance(error, DemoError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 class _Stopped(Exception):
@@ -147,9 +157,13 @@ class Demo:
             error = exc
         except Exception as exc:  # a bug or an unexpected failure: still stop everything
             error = exc
+            log = self.data_dir / "logs" / "demo-error.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("".join(traceback.format_exception(exc)), encoding="utf-8")
+            self.console.print(f"traceback in {log}", soft_wrap=True, highlight=False)
         if error is not None:
             self.stopped_by = "error"
-            self.console.print(f"[red]demo failed:[/red] {error}", soft_wrap=True)
+            self.console.print(f"[red]demo failed:[/red] {describe_error(error)}", soft_wrap=True)
         left = await self._shutdown()
         code = 1 if error is not None or left else 0
         self._write_summary(code, error, left)
@@ -160,18 +174,19 @@ class Demo:
     def _install_stop_triggers(self) -> None:
         loop = asyncio.get_running_loop()
 
-        def on_signal(name: str) -> None:
+        def on_stop(reason: str) -> None:
             if self.stop.is_set():
-                self.hurry.set()  # a second Ctrl-C: skip the grace periods
+                if reason != "duration":
+                    self.hurry.set()  # a second Ctrl-C: skip the grace periods
                 return
-            self.stopped_by = name
+            self.stopped_by = reason
             self.stop.set()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, on_signal, sig.name)
+                loop.add_signal_handler(sig, on_stop, sig.name)
         if self.options.duration_s > 0:
-            loop.call_later(self.options.duration_s, on_signal, "duration")
+            loop.call_later(self.options.duration_s, on_stop, "duration")
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -185,14 +200,17 @@ class Demo:
             await asyncio.wait_for(self.stop.wait(), seconds)
 
     def _say(self, text: str) -> None:
-        self.console.print(f"[dim]{self.elapsed():5.1f}s[/dim] {text}", soft_wrap=True)
+        self.console.print(
+            f"[dim]{self.elapsed():5.1f}s[/dim] {text}", soft_wrap=True, highlight=False
+        )
 
     # -- start-up ---------------------------------------------------------------------------
 
     async def _start(self) -> None:
         await asyncio.to_thread(self.center.start)
-        with contextlib.suppress(psutil.Error):
-            self._center_process = psutil.Process(self.center.server.pid or -1)
+        if self.center.server.pid is not None:
+            with contextlib.suppress(psutil.Error):
+                self._center_process = psutil.Process(self.center.server.pid)
         self._say(
             f"center nats-server {self.center.url} (leaf {self.center.leaf_url}), operator mode, "
             f"JetStream domain hub; data in {self.data_dir}"
@@ -324,27 +342,35 @@ class Demo:
         assert self.bus is not None
         collector = FleetCollector(self.bus)
         previous: tuple[float, dict[str, int]] | None = None
-        with Live(console=self.console, auto_refresh=False, transient=False) as live:
-            while not self.stop.is_set():
-                tick = time.monotonic()
-                self._check_children()
-                for child in self.children.values():
-                    child.remember_descendants()
-                try:
-                    self.snapshot = await asyncio.wait_for(collector.collect(), 5.0)
-                except TimeoutError:
-                    pass  # keep the last snapshot; the next refresh tries again
-                self.devices_sent = {
-                    site: int(stats.get("sent", 0))
-                    for site, stats in read_stats(self._devices_stats).items()
-                }
-                rates = self._rates(previous, tick)
-                previous = (tick, dict(self.snapshot.readings))
-                self._note_progress()
-                live.update(fleet_view(self.snapshot, self._context(rates)), refresh=True)
-                await self._until_stopped(max(0.0, REFRESH_S - (time.monotonic() - tick)))
-        if not self.console.is_terminal:
-            self.console.line()  # rich leaves the last table line open when not on a terminal
+        live = Live(console=self.console, auto_refresh=False, transient=False)
+        try:
+            with live:
+                while not self.stop.is_set():
+                    tick = time.monotonic()
+                    self._check_children()
+                    previous = await self._refresh(collector, live, previous)
+                    await self._until_stopped(max(0.0, REFRESH_S - (time.monotonic() - tick)))
+        finally:
+            if not self.console.is_terminal:
+                self.console.line()  # rich leaves the last line open when not on a terminal
+
+    async def _refresh(
+        self, collector: FleetCollector, live: Live, previous: tuple[float, dict[str, int]] | None
+    ) -> tuple[float, dict[str, int]]:
+        """Read the center, redraw; returns (when, readings per site) for the next rates."""
+        for child in self.children.values():
+            child.remember_descendants()
+        with contextlib.suppress(TimeoutError):  # keep the last snapshot; retried next time
+            self.snapshot = await asyncio.wait_for(collector.collect(), 5.0)
+        self.devices_sent = {
+            site: int(stats.get("sent", 0))
+            for site, stats in read_stats(self._devices_stats).items()
+        }
+        at = time.monotonic()
+        rates = self._rates(previous, at)
+        self._note_progress()
+        live.update(fleet_view(self.snapshot, self._context(rates)), refresh=True)
+        return at, dict(self.snapshot.readings)
 
     def _rates(self, previous: tuple[float, dict[str, int]] | None, now: float) -> dict[str, float]:
         if previous is None or now <= previous[0]:
@@ -386,6 +412,7 @@ class Demo:
             record is not None
             and record.availability == Availability.ONLINE
             and record.inventory is not None
+            and record.inventory.device_count > 0
             and self.snapshot.readings.get(site, 0) > 0
         )
 
@@ -444,6 +471,9 @@ class Demo:
             return
         real = set(self.sites)
         virtual = [r for r in self.snapshot.records if r.site not in real]
+        # The devices wrote their final counts as they stopped: the whole run's.
+        final = read_stats(self._devices_stats)
+        self.devices_sent.update({site: int(c.get("sent", 0)) for site, c in final.items()})
         sites = {}
         for site in self.sites:
             sites[site] = site_summary(site, self.snapshot, self.devices_sent)
@@ -452,7 +482,7 @@ class Demo:
         document = {
             "ok": code == 0,
             "exit_code": code,
-            "error": str(error) if error is not None else None,
+            "error": describe_error(error) if error is not None else None,
             "stopped_by": self.stopped_by or None,
             "data_dir": str(self.data_dir),
             "center_url": self.center.url if self.center.started else None,

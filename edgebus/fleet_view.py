@@ -87,7 +87,8 @@ class FleetCollector:
         streams: dict[str, int] = {}
         try:
             for info in await self.bus.js.streams_info():
-                streams[info.config.name] = info.state.messages
+                if info.config.name is not None:
+                    streams[info.config.name] = info.state.messages
         except Exception as exc:
             errors.append(f"streams: {type(exc).__name__} {exc}".strip())
         readings = per_site(await self._subjects(READINGS, "up.*.reading.>", errors))
@@ -118,7 +119,7 @@ class FleetCollector:
             return cached[1]
         try:
             msg = await self.bus.js.get_last_msg(stream, subject)
-            raised = json.loads(msg.data or b"{}").get("type") == AlarmRaised.event_type
+            raised = bool(json.loads(msg.data or b"{}").get("type") == AlarmRaised.event_type)
         except Exception:
             return cached[1] if cached else False
         self._alarm_state[key] = (count, raised)
@@ -234,7 +235,9 @@ def fleet_view(snapshot: FleetSnapshot, context: ViewContext) -> Group:
     return Group(*parts)
 
 
-def site_summary(site: str, snapshot: FleetSnapshot, devices_sent: Mapping[str, int]) -> dict[str, Any]:
+def site_summary(
+    site: str, snapshot: FleetSnapshot, devices_sent: Mapping[str, int]
+) -> dict[str, Any]:
     """One site in the demo's JSON summary."""
     record = snapshot.record(site)
     inventory = record.inventory if record else None

@@ -4,6 +4,7 @@ on `up.<site>.heartbeat`, with the distinct devices its ingest has seen (a bound
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from pathlib import Path
 
@@ -42,7 +43,9 @@ async def test_running_agent_heartbeats_reach_the_hub_with_its_device_count(
     beats: list[tuple[float, str, SiteHeartbeat]] = []
 
     async def on_beat(msg: Msg) -> None:
-        beats.append((time.monotonic(), msg.subject, REGISTRY.decode_as(msg.data, SiteHeartbeat).data))
+        beats.append(
+            (time.monotonic(), msg.subject, REGISTRY.decode_as(msg.data, SiteHeartbeat).data)
+        )
 
     await hub.subscribe(subjects.up_each("heartbeat"), cb=on_beat)
     await hub.flush()
@@ -71,7 +74,7 @@ async def test_running_agent_heartbeats_reach_the_hub_with_its_device_count(
         report = await wait_agent_up(local, agent)
         assert report.ingest.ingested == 100
         # Fixed rate: gaps close to the interval; seq numbers every slot.
-        gaps = [b[0] - a[0] for a, b in zip(beats, beats[1:], strict=False)]
+        gaps = [b[0] - a[0] for a, b in itertools.pairwise(beats)]
         assert sorted(gaps)[len(gaps) // 2] == pytest.approx(INTERVAL_S, abs=0.15)
         seqs = [b[2].seq for b in beats]
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))

@@ -32,7 +32,9 @@ class LocalAlarms:
 
     An alarm change the replay log refuses (full, refuse_new) waits in a small bounded list and
     is retried, in order, before the next change and on every `flush_pending` (monitor tick):
-    an alarm about a full log must still reach the center once there is room.
+    an alarm about a full log must still reach the center once there is room. A log that
+    drops entries (drop_oldest, max age) may drop an alarm's own entry before it is forwarded:
+    `reassert` logs the active alarms again (same event ids: the center keeps one copy).
     """
 
     def __init__(
@@ -47,6 +49,8 @@ class LocalAlarms:
         self._bus = bus
         self._replay_log = replay_log
         self._active: dict[str, AlarmRaised] = {}
+        self._raised: dict[str, Event[Any]] = {}  # the event that raised each active alarm
+        self._reasserted = 0
         self._pending: deque[LogEntry] = deque()
         self._max_pending = max_pending
         self.lost = 0  # changes dropped from a full pending list (logged as errors)
@@ -76,7 +80,9 @@ class LocalAlarms:
         )
         self._active[identity] = data
         self._log.warning("alarm_raised", alarm_id=identity, severity=str(severity), text=text)
-        await self._publish(entity, self._bus.event(data, subject=identity))
+        event = self._bus.event(data, subject=identity)
+        self._raised[identity] = event
+        await self._publish(entity, event)
         return True
 
     async def clear(self, entity: str, probable_cause: str, text: str = "") -> bool:
@@ -84,6 +90,7 @@ class LocalAlarms:
         identity = alarm_id(self.site, entity, probable_cause)
         if self._active.pop(identity, None) is None:
             return False
+        self._raised.pop(identity, None)
         data = AlarmCleared(
             alarm_id=identity,
             site=self.site,
@@ -95,6 +102,25 @@ class LocalAlarms:
         self._log.info("alarm_cleared", alarm_id=identity, text=text)
         await self._publish(entity, self._bus.event(data, subject=identity))
         return True
+
+    async def reassert(self) -> int:
+        """Log every active alarm's raise event again; call after the log dropped entries.
+
+        A fresh append id per copy (the log's own dedup would refuse the event id again);
+        the forwarder sends each copy with the event id, so the center stores it once.
+        """
+        for identity, event in self._raised.items():
+            self._reasserted += 1
+            entity = self._active[identity].entity
+            self._enqueue(
+                LogEntry(
+                    kind=ALARM_KIND,
+                    key=replay_key(entity),
+                    event=event,
+                    dedup_id=f"{event.id}.{self._reasserted}",
+                )
+            )
+        return await self.flush_pending()
 
     async def flush_pending(self) -> int:
         """Append waiting alarm changes to the replay log, oldest first; returns how many remain."""
@@ -115,6 +141,11 @@ class LocalAlarms:
             await self._bus.publish(subjects.site_event(self.site, ALARM_KIND), event)
         except Exception as exc:  # local subscribers miss it; the replay log still has it
             self._log.warning("alarm_publish_failed", event_id=event.id, error=repr(exc))
+        self._enqueue(LogEntry(kind=ALARM_KIND, key=replay_key(entity), event=event))
+        if await self.flush_pending():
+            self._log.warning("alarm_change_pending", event_id=event.id, pending=self.pending)
+
+    def _enqueue(self, entry: LogEntry) -> None:
         if len(self._pending) >= self._max_pending:
             lost = self._pending.popleft()
             self.lost += 1
@@ -123,6 +154,4 @@ class LocalAlarms:
                 event_id=lost.event.id,
                 detail="replay log refused alarm changes for too long; oldest dropped",
             )
-        self._pending.append(LogEntry(kind=ALARM_KIND, key=replay_key(entity), event=event))
-        if await self.flush_pending():
-            self._log.warning("alarm_change_pending", event_id=event.id, pending=self.pending)
+        self._pending.append(entry)

@@ -99,6 +99,7 @@ class _Accepted:
     msg: Msg
     entry: LogEntry
     local_subject: str
+    payload: bytes  # the event, encoded once: logged and published locally as these bytes
 
 
 @dataclass(slots=True)
@@ -321,6 +322,7 @@ class IngestWorker:
         device, channel = outcome.device, outcome.channel
         self._counters.see_device(device)
         event: Event[Any] = self.bus.event(outcome, subject=f"{device}/{channel}")
+        payload = REGISTRY.encode(event)
         entry = LogEntry(
             kind=READING_KIND,
             key=device,
@@ -328,8 +330,9 @@ class IngestWorker:
             # The raw message's stream sequence: re-ingesting it after a crash (append
             # done, ack lost) is a duplicate in the replay log, not a second reading.
             dedup_id=f"ingest-{stream_seq}",
+            encoded=payload,
         )
-        return _Accepted(msg, entry, self._local_subject(device, channel))
+        return _Accepted(msg, entry, self._local_subject(device, channel), payload)
 
     def _local_subject(self, device: str, channel: str) -> str:
         """`evt.<site>.reading.<device>.<channel>`, memoised: building it validates 4 tokens."""
@@ -415,9 +418,8 @@ class IngestWorker:
     async def _publish_local(self, accepted: list[_Accepted]) -> None:
         """Real-time fan-out at the site (even when the replay log refused the reading)."""
         publish = self.bus.nc.publish
-        encode = REGISTRY.encode
         for item in accepted:
-            await publish(item.local_subject, encode(item.entry.event))
+            await publish(item.local_subject, item.payload)
         self._counters.published_local += len(accepted)
 
     # -- acknowledgements ------------------------------------------------------------

@@ -65,6 +65,9 @@ class ReplayMonitor:
             await self._alarms.flush_pending()
             return
         refused = self._replay_log.refused
+        if backlog.dropped > self._state.dropped:
+            # The log dropped entries since the last tick: maybe an active alarm's own entry.
+            await self._alarms.reassert()
         self._state, changes = evaluate(
             backlog, refused, self._state, self._config, time.monotonic(), quiet_s=self._quiet_s
         )

@@ -124,6 +124,10 @@ class AvailabilityMonitor:
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         self.stats["heartbeats"] += 1
+        if self.stats["heartbeats"] % 256 == 0:
+            # nats-py runs this callback back to back while messages are queued: under a
+            # heartbeat flood the lease renewal starved and leadership was lost (measured).
+            await asyncio.sleep(0)
         try:
             heartbeat = self._decode(msg.data).data
         except EventDecodeError as exc:
