@@ -1,16 +1,10 @@
 """Shared rig of the edge benches (`site_ingest`, `replay_catchup`): device publishers, a site
-with its agent, the center read-back and check, and the mosquitto bridge peer.
-
-Device publishers are separate spawned processes driving paho-mqtt directly (they stand for
-devices, not for edgebus code): QoS 1, each with its own client id and devices, every payload
-a JSON object with a per-device sequence number `seq` (0, 1, ...) so the receiving end can
-check loss, duplicates and per-device order. Times that cross processes are wall-clock
-(`time.time()`), comparable with the timestamps JetStream stores with each message.
-"""
+with its agent, reading the center back and checking it, and the mosquitto bridge peer."""
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import math
@@ -33,6 +27,10 @@ from typing import Any
 
 from bus import subjects
 
+# Device publishers are spawned processes driving paho-mqtt directly (they stand for devices,
+# not edgebus code): QoS 1, own client id and devices, each payload a JSON object with a
+# per-device `seq` (0, 1, ...) so the receiver can check loss, duplicates and order. Times
+# crossing processes are wall clock (`time.time()`), comparable with JetStream's timestamps.
 REPO = Path(__file__).resolve().parent.parent
 SITE = "s1"
 CHANNEL = "temp"
@@ -227,11 +225,11 @@ class Publishers:
             self._procs.append(proc)
             self._ready.append(ready)
         deadline = time.monotonic() + READY_TIMEOUT_S
-        for ready, proc in zip(self._ready, self._procs, strict=True):
+        for ready, started in zip(self._ready, self._procs, strict=True):
             while not ready.wait(0.2):
-                if not proc.is_alive() or time.monotonic() > deadline:
+                if not started.is_alive() or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"publisher {proc.name} not ready")
+                    raise RuntimeError(f"publisher {started.name} not ready")
 
     def go(self) -> None:
         self._go.set()
@@ -357,7 +355,15 @@ class AgentProcess:
                 self.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True,
             )
+        # Its own session shields it from our Ctrl-C: make sure it never outlives the bench.
+        atexit.register(self._kill_if_running, self.proc)
         return self.proc.pid
+
+    @staticmethod
+    def _kill_if_running(proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
     @property
     def pid(self) -> int:

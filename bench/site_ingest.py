@@ -18,9 +18,9 @@ per-device `seq`. Per round, alternately (medians reported):
   UP_READING). The stream is then read back: every (device, seq) exactly once, per device in
   order (decoded as `Event[DeviceReading]`), no event id twice.
 - peer (unless --no-peer): the same publishers to an edge mosquitto bridged ("dev/# out 1",
-  cleansession false, persistence on) to a center mosquitto, where a persistent-session QoS 1
-  subscriber process checks every (device, seq); rate = N / (first publish -> last new
-  message at that subscriber).
+  cleansession false, persistence on; direct, no proxy) to a center mosquitto, where a
+  persistent QoS 1 subscriber process checks every (device, seq); rate = N / (first publish
+  -> last new message at that subscriber).
 
 value = ours, baseline = bare listener, target ratio >= 0.8, zero loss. CPU per message of
 each process (user+sys) is reported so the figures can be explained, not just compared.
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import multiprocessing as mp
 import os
@@ -260,9 +261,11 @@ async def run(args: argparse.Namespace, say: Callable[[str], None]) -> list[Tria
         try:
             await rig.start()
             # Bridged directly, as ours runs over a direct leaf link (no proxy in between).
-            with bridged_mosquittos(base / "peer", via_proxy=False) as peer:
+            peers = (contextlib.nullcontext(None) if args.no_peer
+                     else bridged_mosquittos(base / "peer", via_proxy=False))
+            with peers as peer:
                 rig.peer = peer
-                if not args.no_peer:
+                if peer is not None:
                     await asyncio.to_thread(probe_bridge, peer[0], peer[2])
                 for round_no in range(1, args.rounds + 1):
                     paths = [rig.baseline, rig.ours] + ([] if args.no_peer else [rig.peer_trial])

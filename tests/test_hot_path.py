@@ -1,8 +1,5 @@
-"""The per-event shortcuts of the edge hot path do what the slow paths did.
-
-PubAcks built directly, events encoded once and appended verbatim, quick probing while no one
-answers: each checked against the behaviour it replaces (a real JetStream for the append).
-"""
+"""The edge hot path's shortcuts (direct PubAcks, events encoded once, quick probes while no
+one answers) behave as the paths they replace; the append is checked on a real JetStream."""
 
 from __future__ import annotations
 
