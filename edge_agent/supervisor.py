@@ -7,9 +7,7 @@ ports, pids and restart counts in `<data_dir>/site.json` so restarts and local t
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
-import functools
 import json
 import os
 import signal
@@ -36,6 +34,7 @@ from bus.natsserver import (
     free_port,
 )
 from bus.streams import ReplayFullPolicy
+from edge_agent.childproc import spawn_logged
 
 __all__ = [
     "AGENT",
@@ -337,15 +336,6 @@ class _ServerChild:
         self.server.stop(timeout=0.5 if hurry.is_set() else timeout_s)
 
 
-def _die_with_parent(parent_pid: int) -> None:  # pragma: no cover - runs in the forked child
-    # Linux only: the agent gets SIGTERM if the supervisor itself is killed (-9), so an
-    # orphaned agent never keeps running against a server nobody supervises.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
 class _AgentChild:
     def __init__(self, argv: list[str], log_path: Path) -> None:
         self.name = AGENT
@@ -362,22 +352,7 @@ class _AgentChild:
         return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        preexec: Callable[[], None] | None = None
-        if sys.platform.startswith("linux"):
-            preexec = functools.partial(_die_with_parent, os.getpid())
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Own session: a terminal's Ctrl-C reaches only the supervisor, which then
-                # stops the children in order (agent first, then its server).
-                start_new_session=True,
-                preexec_fn=preexec,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
+        self._proc = spawn_logged(self.argv, self.log_path)
 
     def exit_code(self) -> int | None:
         return self._proc.poll() if self._proc is not None else None

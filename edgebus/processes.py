@@ -6,12 +6,8 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -19,18 +15,10 @@ from pathlib import Path
 
 import psutil
 
-_PR_SET_PDEATHSIG = 1
+from edge_agent.childproc import spawn_logged
+
 _POLL_S = 0.05
 _HURRY_S = 3.0  # after a second Ctrl-C: how long a child still gets
-
-
-def _die_with_parent(parent_pid: int) -> None:  # pragma: no cover - runs in the forked child
-    # Linux: the child gets SIGTERM if the demo itself is killed outright (-9), so a site
-    # supervisor still stops its agent and server instead of running on as an orphan.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent_pid:
-        os._exit(1)
 
 
 class ChildProcess:
@@ -44,22 +32,7 @@ class ChildProcess:
         self._known: dict[int, psutil.Process] = {}  # descendants seen so far, by pid
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        preexec: Callable[[], None] | None = None
-        if sys.platform.startswith("linux"):
-            preexec = functools.partial(_die_with_parent, os.getpid())
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Own session: a terminal's Ctrl-C reaches only the demo, which then stops
-                # its children in order (a site before the center it talks to).
-                start_new_session=True,
-                preexec_fn=preexec,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160"},
-            )
+        self._proc = spawn_logged(self.argv, self.log_path, {"COLUMNS": "160"})
         self.remember_descendants()
 
     @property
