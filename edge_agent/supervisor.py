@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -235,6 +236,18 @@ def backoff_delay(failures: int, minimum_s: float, maximum_s: float) -> float:
     if failures <= 1:
         return minimum_s
     return float(min(maximum_s, minimum_s * 2 ** min(failures - 1, 30)))
+
+
+def port_taken(host: str, port: int) -> bool:
+    """True if something else listens on `port` (TIME_WAIT leftovers do not count: the
+    server binds with SO_REUSEADDR too)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host if host not in _WILDCARD_HOSTS else "0.0.0.0", port))
+        except OSError:
+            return True
+    return False
 
 
 def resolve_ports(config: SiteRunConfig, previous: SiteState | None) -> tuple[int, int, int]:
@@ -574,10 +587,13 @@ class SiteSupervisor:
         try:
             child.start()
         except (NatsServerError, OSError) as exc:
+            if child.name == SERVER and self._repick_taken_ports():
+                self._rebuild_slots()
+                slot = self._slots[0]
             slot.failures += 1
             delay = self._backoff(slot.failures)
             slot.next_start = time.monotonic() + delay
-            state.state, state.last_error = "backoff", str(exc)[-1000:]
+            slot.state.state, slot.state.last_error = "backoff", str(exc)[-1000:]
             self._log.error(
                 "child_start_failed", child=child.name, error=str(exc), retry_in_s=delay
             )
@@ -589,6 +605,32 @@ class SiteSupervisor:
         state.pid, state.create_time = child.pid, _create_time(child.pid)
         state.state, state.started_at, state.last_error = "running", _now_iso(), None
         self._log.info("child_started", child=child.name, pid=child.pid, restarts=state.restarts)
+
+    def _repick_taken_ports(self) -> bool:
+        """Ports we chose ourselves (none given on the command line) that another process
+        holds now get new free ones: a site must not retry a bind error forever."""
+        state, changed = self.state, False
+        for name in ("nats_port", "monitor_port", "mqtt_port"):
+            port = getattr(state, name)
+            if getattr(self.config, name) or not port_taken(self.config.host, port):
+                continue
+            setattr(state, name, free_port())
+            changed = True
+            self._log.warning("port_taken", port_name=name, port=port, new=getattr(state, name))
+        return changed
+
+    def _rebuild_slots(self) -> None:
+        """New server spec and agent command line for new ports, keeping restart counts; the
+        agent is stopped first when it runs (it would talk to the old port)."""
+        old = self._slots
+        for slot in old:
+            if slot.child.name == AGENT and slot.child.running:
+                slot.child.stop(self.config.stop_timeout_s, self._hurry)
+        self._slots = self._make_slots(self.state)
+        for new, previous in zip(self._slots, old, strict=True):
+            new.failures, new.next_start = previous.failures, previous.next_start
+            new.started_once, new.state.restarts = previous.started_once, previous.state.restarts
+        self._save()
 
     def _on_exit(self, slot: _Slot, code: int, now: float) -> None:
         stable = now - slot.up_since >= self.config.stable_after_s

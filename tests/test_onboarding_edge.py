@@ -626,6 +626,14 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
     return proc.wait()
 
 
+def _print_logs(*paths: Path) -> None:
+    """Shown by pytest only when the test fails: what the site said about itself."""
+    for path in paths:
+        if path.exists():
+            tail = path.read_text(errors="replace").splitlines()[-40:]
+            print(f"--- {path} (last {len(tail)} lines)", *tail, sep="\n")
+
+
 def _agent_cmdline(data_dir: Path) -> list[str]:
     pid = read_site_state(data_dir).children["agent"].pid
     return list(psutil.Process(pid).cmdline()) if pid else []
@@ -652,6 +660,7 @@ async def test_site_run_with_a_token_onboards_links_and_restarts_without_it(
             argv = _agent_cmdline(data_dir)
             assert argv[argv.index("--heartbeat-interval-s") + 1] == str(HEARTBEAT_S)
         finally:
+            _print_logs(tmp_path / "run1.log", data_dir / "nats" / "s1.log")
             assert _stop(proc) == 0
         await wait_until(lambda: "s1" not in hub.leaf_names(), 10, "leaf still linked")
 

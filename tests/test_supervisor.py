@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -476,3 +477,24 @@ def test_site_run_supervises_the_real_agent(edge_topology: EdgeTopology, tmp_pat
             proc.kill()
             proc.wait()
         kill_processes_under(data_dir)
+
+
+def test_a_persisted_port_taken_by_another_process_is_replaced(
+    supervisors: Supervisors, tmp_path: Path
+) -> None:
+    center = f"nats-leaf://127.0.0.1:{free_port()}"
+    data_dir = tmp_path / "site"
+    first_proc = supervisors.start(data_dir, center_leaf_url=center, agent_argv=STAND_IN)
+    first = wait_for(state_where(data_dir, all_running), 20, "site not running")
+    stop_and_check_nothing_left(first_proc, first)
+
+    # While the site is down, a stranger listens on its persisted MQTT port.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as stranger:
+        stranger.bind(("127.0.0.1", first.mqtt_port))
+        stranger.listen()
+        proc = supervisors.start(data_dir, center_leaf_url=center, agent_argv=STAND_IN)
+        after = wait_for(state_where(data_dir, all_running), 30, "site not running")
+    assert after.mqtt_port != first.mqtt_port
+    assert (after.nats_port, after.monitor_port) == (first.nats_port, first.monitor_port)
+    assert monitor(after, "varz")["mqtt"]["port"] == after.mqtt_port
+    stop_and_check_nothing_left(proc, after)
