@@ -78,7 +78,7 @@ from bench.edge_rig import (
     wait_for,
 )
 from bus import subjects
-from bus.streams import ensure_stream, uplink_stream
+from bus.streams import ensure_uplink_streams, uplink_stream
 from bus.testing import EdgeTopology
 from edge_agent.config import ReplayConfig
 
@@ -200,7 +200,7 @@ class Rig:
         site = await asyncio.to_thread(self.topology.add_site, SITE)
         self.hub_nc = await connect(self.topology.hub.url, "bench-center")
         self.hub_js = self.hub_nc.jetstream()
-        await ensure_stream(self.hub_js, uplink_stream("reading"))
+        await ensure_uplink_streams(self.hub_js)
         extra = ["--batch-size", str(self.args.batch_size)] if self.args.batch_size else []
         self.agent = AgentProcess(site.url, self.base, extra)
         self.agent.start()

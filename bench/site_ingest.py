@@ -73,7 +73,7 @@ from bench.edge_rig import (
     wait_for,
 )
 from bus.natsserver import NatsServerProcess, NatsServerSpec, free_port
-from bus.streams import ensure_stream, uplink_stream
+from bus.streams import ensure_uplink_streams, uplink_stream
 from bus.testing import EdgeTopology
 
 BENCH = "site_ingest"
@@ -136,7 +136,7 @@ class Rig:
         await asyncio.to_thread(self.bare.start)
         self.hub_nc = await connect(self.topology.hub.url, "bench-center")
         self.hub_js = self.hub_nc.jetstream()
-        await ensure_stream(self.hub_js, uplink_stream("reading"))
+        await ensure_uplink_streams(self.hub_js)
         profile = self.args.profile / "agent.prof" if self.args.profile else None
         self.agent = AgentProcess(site.url, self.base, profile_path=profile)
         self.agent.start()

@@ -113,6 +113,14 @@ class ReplayLog:
             ),
         )
 
+    async def reshape(self, spec: StreamSpec) -> None:
+        """Bring the stream to new bounds (bytes, age, full policy); raises if the server
+        refuses them (e.g. more bytes than its storage can reserve), keeping the old ones."""
+        if spec.name != self.spec.name or spec.subjects != self.spec.subjects:
+            raise ValueError("reshape changes bounds only, not the stream's name or subjects")
+        await ensure_stream(self.js, spec)
+        self.spec = spec
+
     def _subject(self, kind: str, key: str) -> str:
         subject = self._subjects.get((kind, key))
         if subject is None:

@@ -33,6 +33,7 @@ class StreamSpec:
     max_age_s: float = 7 * DAY_S
     max_bytes: int = -1
     max_msgs: int = -1
+    max_msgs_per_subject: int = -1
     duplicate_window_s: float = 120.0
     discard_new: bool = False
     memory: bool = False
@@ -53,6 +54,7 @@ class StreamSpec:
             max_age=self.max_age_s,
             max_bytes=self.max_bytes,
             max_msgs=self.max_msgs,
+            max_msgs_per_subject=self.max_msgs_per_subject,
             discard=DiscardPolicy.NEW if self.discard_new else DiscardPolicy.OLD,
             duplicate_window=window,
         )
@@ -184,6 +186,13 @@ def uplink_stream(kind: str, *, max_age_s: float = 7 * DAY_S, max_bytes: int = -
     )
 
 
+async def ensure_uplink_streams(js: JetStreamContext) -> None:
+    """Every `UP_<KIND>` stream at the center. A center missing one stalls each site's
+    in-order forwarder at the first entry of that kind (no stream answers it)."""
+    for kind in UPLINK_KINDS:
+        await ensure_stream(js, uplink_stream(kind))
+
+
 # -- controller (center) ---------------------------------------------------------------
 
 
@@ -232,3 +241,62 @@ def controller_lease_kv(ttl_s: float) -> KvSpec:
     The TTL is fixed when the bucket is first created (an existing bucket keeps its own).
     """
     return KvSpec("CONTROLLER_LEASE", ttl_s=ttl_s, description="controller leader lease")
+
+
+# -- config sync (center) -------------------------------------------------------------
+
+CONFIG_LAYERS_KV = KvSpec(
+    "CONFIG_LAYERS",
+    description="desired config layers: key = <kind>.<scope>[.<name>], value = a stored layer",
+)
+
+
+def config_history_stream(max_age_s: float = 365 * DAY_S) -> StreamSpec:
+    """Every accepted config change, in order (`edgebus config history`)."""
+    return StreamSpec(
+        name="CONFIG_HISTORY",
+        subjects=(subjects.config_changed_all(),),
+        max_age_s=max_age_s,
+        description="accepted config changes",
+    )
+
+
+def sync_reports_stream() -> StreamSpec:
+    """The latest config report of every site, captured straight from `up.*.sync.report`
+    (one per subject): the sync service rebuilds per-site status from it after a restart."""
+    return StreamSpec(
+        name="SYNC_REPORTS",
+        subjects=(subjects.sync_report_all(),),
+        max_age_s=0,
+        max_msgs_per_subject=1,
+        description="latest config-apply report per site",
+    )
+
+
+def sync_lease_kv(ttl_s: float) -> KvSpec:
+    """The sync service's leader lease (the leader audits and re-pushes)."""
+    return KvSpec("SYNC_LEASE", ttl_s=ttl_s, description="sync service leader lease")
+
+
+# -- alarms service (center) -------------------------------------------------------------
+
+ALARMS_KV = KvSpec(
+    "ALARMS", description="alarm state: key = <site>.<escaped alarm id>, value = AlarmRecord"
+)
+
+
+def alarms_lease_kv(ttl_s: float) -> KvSpec:
+    """The alarms service's leader lease: the leader alone consumes and writes alarm state."""
+    return KvSpec("ALARMS_LEASE", ttl_s=ttl_s, description="alarms service leader lease")
+
+
+def alarm_activity_stream(max_age_s: float = 90 * DAY_S) -> StreamSpec:
+    """Alarm history the alarms service adds itself: acknowledgements, flapping and storm
+    summaries (raises and clears stay in UP_ALARM and CENTER_ALARMS)."""
+    return StreamSpec(
+        name="ALARM_ACTIVITY",
+        subjects=subjects.alarm_history_all(),
+        max_age_s=max_age_s,
+        max_bytes=1024**3,
+        description="alarm acknowledgements and storm summaries",
+    )

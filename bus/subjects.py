@@ -131,6 +131,11 @@ def up_each(kind: str) -> str:
     return f"up.*.{token(kind)}"
 
 
+def up_logs(site: str = "*", level: str = "*") -> str:
+    """`up.<site>.log.<level>`: agent log records one site (`*`: any) shipped at one level."""
+    return f"up.{site if site == '*' else site_id(site)}.log.{_token_or_wildcard(level)}"
+
+
 def parse_up(subject: str) -> tuple[str, str] | None:
     """(site, kind) of an `up.<site>.<kind>[...]` subject, or None if it has another shape.
 
@@ -197,6 +202,82 @@ def center_alarm(site: str) -> str:
 
 def center_alarm_all() -> str:
     return "center.alarm.>"
+
+
+# -- alarms service (center) -------------------------------------------------------------
+
+
+def alarms_control(op: str) -> str:
+    """Operator requests to the alarms service: `ctl.alarms.<op>` (list, summary, ...)."""
+    return control("alarms", op)
+
+
+def alarm_ack(site: str) -> str:
+    """Operator acknowledgements of a site's alarms (stored: they are alarm history)."""
+    return f"center.alarms.ack.{site_id(site)}"
+
+
+def alarm_activity(site: str) -> str:
+    """Flapping and storm summaries the alarms service stores about a site's alarms."""
+    return f"center.alarms.activity.{site_id(site)}"
+
+
+def alarm_history_all() -> tuple[str, ...]:
+    """What the alarms service stores itself (besides the sites' and the center's alarms)."""
+    return ("center.alarms.ack.*", "center.alarms.activity.*")
+
+
+def alarm_history_of(site: str) -> str:
+    """Acknowledgements and summaries about one site (`*` for every site)."""
+    return f"center.alarms.*.{_site_or_wildcard(site)}"
+
+
+def alarm_notice(site: str) -> str:
+    """Live notices for operators (not stored): alarm changes, rate-limited in storms."""
+    return f"center.alarms.notice.{site_id(site)}"
+
+
+def alarm_notice_all() -> str:
+    return "center.alarms.notice.*"
+
+
+def _site_or_wildcard(site: str) -> str:
+    return site if site == "*" else site_id(site)
+
+
+# -- config sync ------------------------------------------------------------------------
+
+
+def config_desired(site: str) -> str:
+    """Where the center sends a site the newest effective config of a kind."""
+    return down_site(site, "config")
+
+
+def sync_report(site: str) -> str:
+    """Where a site reports what config it applied (or failed)."""
+    return up(site, "sync", "report")
+
+
+def sync_report_all() -> str:
+    return "up.*.sync.report"
+
+
+def sync_pull(site: str) -> str:
+    """A site's request for its whole effective config (answered by the sync service)."""
+    return up(site, "sync", "pull")
+
+
+def sync_pull_all() -> str:
+    return "up.*.sync.pull"
+
+
+def config_changed(kind: str) -> str:
+    """History of accepted config changes: `center.config.changed.<kind>`."""
+    return f"center.config.changed.{token(kind)}"
+
+
+def config_changed_all() -> str:
+    return "center.config.changed.>"
 
 
 # -- per-site permissions (rendered into each site's JWT by bus.auth) -------------------
@@ -303,11 +384,20 @@ CATALOGUE: tuple[SubjectDoc, ...] = (
     SubjectDoc("down.group.{group}.{kind}", "center->sites", "desired state for a group"),
     SubjectDoc("down.all.{kind}", "center->sites", "desired state for every site"),
     SubjectDoc("up.{site}.heartbeat", "site->center", "heartbeat + inventory (core, not stored)"),
+    SubjectDoc("up.{site}.log.{level}", "site->center", "agent log records (at the ship level+)"),
     SubjectDoc("ctl.{service}.{op}", "operator->center", "operator requests"),
     SubjectDoc("ctl.controller.onboard", "site->center", "onboarding with a bootstrap token"),
     SubjectDoc("center.sites.availability.{site}", "center", "site availability transitions"),
     SubjectDoc("center.audit.{action}", "center", "audit trail (onboarding, registry changes)"),
     SubjectDoc("center.alarm.{site}", "center", "alarms the center raises about a site"),
+    SubjectDoc("ctl.alarms.{op}", "operator->center", "alarm list, summary, history, ack"),
+    SubjectDoc("center.alarms.ack.{site}", "center", "operator acknowledgements (stored)"),
+    SubjectDoc("center.alarms.activity.{site}", "center", "flapping / storm summaries (stored)"),
+    SubjectDoc("center.alarms.notice.{site}", "center", "live alarm notices, rate-limited"),
+    SubjectDoc("down.{site}.config", "center->site", "newest effective config of one kind"),
+    SubjectDoc("up.{site}.sync.report", "site->center", "config applied / failed, per kind"),
+    SubjectDoc("up.{site}.sync.pull", "site->center", "request: the site's whole config"),
+    SubjectDoc("center.config.changed.{kind}", "center", "history of accepted config changes"),
     SubjectDoc("_INBOX.{site}.>", "center->site", "replies and PubAcks for one site"),
     SubjectDoc("_INBOX_center.{site}.>", "site->center", "replies to center->site requests"),
     SubjectDoc("_INBOX_bootstrap.{nonce}.>", "center->site", "onboarding replies (bootstrap)"),

@@ -17,6 +17,7 @@ from bus.log import configure_logging, get_logger
 from bus.streams import ReplayFullPolicy
 from edge_agent.config import AgentConfig, ExternalBroker, ReplayConfig
 from edge_agent.ingest.convert import IngestLimits
+from schemas.alarms import AlarmRulesConfig
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,8 +57,31 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--heartbeat-interval-s", type=float, default=30.0, help="seconds between heartbeats"
     )
+    p.add_argument(
+        "--sync-report-interval-s",
+        type=float,
+        default=60.0,
+        help="seconds between reports of the config this site runs",
+    )
+    p.add_argument(
+        "--alarm-rules", type=Path, help="JSON file of alarm rules to start with (AlarmRulesConfig)"
+    )
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--log-ship-level",
+        choices=("debug", "info", "warning", "error"),
+        default="warning",
+        help="own log records at this level and above are sent to the center",
+    )
     return p
+
+
+def load_alarm_rules(path: Path) -> AlarmRulesConfig:
+    """An `AlarmRulesConfig` JSON file; ValueError (a bad argument) if unreadable or invalid."""
+    try:
+        return AlarmRulesConfig.model_validate_json(path.read_bytes())
+    except OSError as exc:
+        raise ValueError(f"cannot read --alarm-rules {path}: {exc}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
@@ -79,6 +103,9 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         external_broker=ExternalBroker.from_url(args.mqtt_broker) if args.mqtt_broker else None,
         credentials=args.credentials,
         heartbeat_interval_s=args.heartbeat_interval_s,
+        alarm_rules=load_alarm_rules(args.alarm_rules) if args.alarm_rules else None,
+        log_ship_level=args.log_ship_level,
+        sync_report_interval_s=args.sync_report_interval_s,
     )
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bus.streams import ReplayFullPolicy
 from edge_agent.ingest.convert import IngestLimits
+from schemas.alarms import AlarmRulesConfig
 
 
 @dataclass(frozen=True)
@@ -62,3 +63,9 @@ class AgentConfig:
     external_broker: ExternalBroker | None = None
     credentials: Path | None = None
     heartbeat_interval_s: float = 30.0  # the center's choice, given at onboarding
+    # Alarm rules to start with (`--alarm-rules FILE`); config sync replaces them live.
+    alarm_rules: AlarmRulesConfig | None = None
+    # Own log records at this level and above go to the center (config kind `log` changes it).
+    log_ship_level: str = "warning"
+    # How often the agent tells the center what config it runs (drift detection).
+    sync_report_interval_s: float = 60.0

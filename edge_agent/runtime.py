@@ -11,7 +11,7 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
@@ -29,13 +29,19 @@ from bus.streams import (
     site_ingest_stream,
     site_replay_stream,
 )
+from edge_agent.alarms.engine import AlarmRuleEngine
 from edge_agent.alarms.local import LocalAlarms
 from edge_agent.config import AgentConfig
 from edge_agent.heartbeat import HeartbeatSender, agent_heartbeat
 from edge_agent.ingest.bridge import MqttBridge
+from edge_agent.ingest.convert import IngestLimits
 from edge_agent.ingest.worker import IngestTuning, IngestWorker
+from edge_agent.logship import LogShipper
 from edge_agent.replay.monitor import ReplayMonitor
 from edge_agent.status.responder import StatusResponder, StatusSources
+from edge_agent.sync import AppliedStore, Applier, ConfigSync, SyncTuning, store_dir
+from schemas.devices import IngestConfig
+from schemas.site import ReplayLogConfig
 
 RunFn = Callable[[asyncio.Event], Awaitable[None]]
 
@@ -111,8 +117,12 @@ class EdgeAgent:
         self.forwarder: Forwarder | None = None
         self.monitor: ReplayMonitor | None = None
         self.alarms: LocalAlarms | None = None
+        self.rule_engine: AlarmRuleEngine | None = None
         self.status: StatusResponder | None = None
         self.heartbeat: HeartbeatSender | None = None
+        self.log_shipper: LogShipper | None = None
+        self.sync: ConfigSync | None = None
+        self._replay_log: ReplayLog | None = None
         self._log = get_logger("edge_agent", site=self.site)
 
     # -- the whole run ---------------------------------------------------------------
@@ -130,6 +140,8 @@ class EdgeAgent:
             if not await self._declare(bus, replay_log, stop):
                 return
             groups = self._build(bus, replay_log)
+            assert self.sync is not None
+            await self.sync.restore()  # the last-known config, before any part runs
             await self._run_groups(groups, stop)
         finally:
             await bus.close()
@@ -181,6 +193,8 @@ class EdgeAgent:
         config = self.config
         self.ingest = IngestWorker(bus, replay_log, config, ingest_tuning(config))
         self.alarms = LocalAlarms(bus, replay_log, self.site)
+        self.rule_engine = AlarmRuleEngine(bus, self.site, self.alarms, config.alarm_rules)
+        self.log_shipper = LogShipper(bus, replay_log, self.site, ship_level=config.log_ship_level)
         self.forwarder = Forwarder(
             bus.nc, self.site, forwarder_config(config), dead_letters=bus.dead_letters
         )
@@ -201,18 +215,61 @@ class EdgeAgent:
             device_count=self._device_count,
             replay_snapshot=self._replay_snapshot,
         )
+        self._replay_log = replay_log
+        self.sync = ConfigSync(
+            bus,
+            self.site,
+            AppliedStore(store_dir(config.data_dir)).load(),
+            self._appliers(),
+            self.alarms,
+            SyncTuning(report_interval_s=config.sync_report_interval_s),
+        )
         inputs: list[tuple[str, RunFn]] = []
         if config.external_broker is not None:
             self.bridge = MqttBridge(bus, config)
             inputs.append(("bridge", self.bridge.run))
         return [
             # First to stop: the center should stop hearing "alive" from a site shutting down.
-            [("heartbeat", self.heartbeat.run)],
+            [("heartbeat", self.heartbeat.run), ("sync", self.sync.run)],
             inputs,
             [("ingest", self.ingest.run)],
+            [("alarm_rules", self.rule_engine.run)],
             [("forwarder", self.forwarder.run)],
             [("monitor", self.monitor.run)],
+            # Late: records logged while the other parts stop still reach the replay log.
+            [("logship", self.log_shipper.run)],
             [("status", self.status.run)],
+        ]
+
+    def _appliers(self) -> list[Applier]:
+        """How each config kind from the center takes effect in this agent."""
+
+        async def ingest(config: IngestConfig) -> None:
+            assert self.ingest is not None
+            self.ingest.set_limits(IngestLimits(max_payload_bytes=config.max_payload_bytes))
+
+        async def replay(config: ReplayLogConfig) -> None:
+            assert self._replay_log is not None and self.monitor is not None
+            spec = site_replay_stream(
+                self.site,
+                max_bytes=config.max_bytes,
+                max_age_s=config.max_age_s,
+                policy=config.policy,
+            )
+            await self._replay_log.reshape(spec)  # the site's storage may refuse the bytes
+            self.monitor.set_config(
+                replace(
+                    self.config.replay,
+                    max_bytes=config.max_bytes,
+                    max_age_s=config.max_age_s,
+                    policy=config.policy,
+                    near_full_ratio=config.near_full_ratio,
+                )
+            )
+
+        return [
+            Applier("ingest", IngestConfig, ingest),
+            Applier("replay", ReplayLogConfig, replay),
         ]
 
     def _device_count(self) -> int:

@@ -238,6 +238,11 @@ def backoff_delay(failures: int, minimum_s: float, maximum_s: float) -> float:
     return float(min(maximum_s, minimum_s * 2 ** min(failures - 1, 30)))
 
 
+def agent_data_dir(site_data_dir: Path) -> Path:
+    """The agent's own data (applied config, ...) inside a site's data dir."""
+    return site_data_dir / "agent"
+
+
 def port_taken(host: str, port: int) -> bool:
     """True if something else listens on `port` (TIME_WAIT leftovers do not count: the
     server binds with SO_REUSEADDR too)."""
@@ -547,7 +552,7 @@ class SiteSupervisor:
         )
         server = _ServerChild(NatsServerProcess(spec, nats_dir))
         agent_log = self.data_dir / "logs" / "agent.log"
-        argv = agent_command(self.config, state.nats_url, self.data_dir / "agent")
+        argv = agent_command(self.config, state.nats_url, agent_data_dir(self.data_dir))
         agent = _AgentChild(argv, agent_log)
         slots = [
             _Slot(server, ChildState(log=str(server.server.log_path))),

@@ -16,7 +16,9 @@ import typer
 from rich.console import Console
 
 from bus.log import configure_logging
-from edgebus import __version__
+from edgebus import __version__, alarms_cli
+from edgebus.config_cli import config_app, sync_app
+from edgebus.logs_cli import logs_app
 from schemas.controller import Availability, SiteChange, SiteRecord, SitesQuery
 
 if TYPE_CHECKING:
@@ -40,6 +42,10 @@ sites_app = typer.Typer(
 )
 app.add_typer(site_app, name="site")
 app.add_typer(sites_app, name="sites")
+app.add_typer(alarms_cli.app, name="alarms")
+app.add_typer(logs_app, name="logs")
+app.add_typer(config_app, name="config")
+app.add_typer(sync_app, name="sync")
 
 console = Console()
 
@@ -496,19 +502,31 @@ def sites_list(
     timeout: TimeoutOption = 60.0,
 ) -> None:
     """Every site with its availability, last seen, version, devices and backlog."""
-    from edgebus.sites import list_sites, parse_labels, sites_table
+    from edgebus.config_cli import sync_column
+    from edgebus.sites import list_sites, parse_labels, site_health, sites_table
 
-    def work(bus: Bus) -> Awaitable[list[SiteRecord]]:
+    async def work(bus: Bus) -> tuple[list[SiteRecord], dict[str, str], dict[str, str]]:
         query = SitesQuery(
             group=group, availability=state, label_selector=parse_labels(label or [])
         )
-        return list_sites(bus, query)
+        records = await list_sites(bus, query)
+        sites = [r.site for r in records]
+        return records, await sync_column(bus, sites), await site_health(bus, sites)
 
-    records = _sites_call(server, work, timeout)
+    records, sync, health = _sites_call(server, work, timeout)
     if as_json:
-        print_json([r.model_dump(mode="json") for r in records])
+        print_json(
+            [
+                {
+                    **r.model_dump(mode="json"),
+                    "sync": sync.get(r.site),
+                    "health": health.get(r.site),
+                }
+                for r in records
+            ]
+        )
     else:
-        console.print(sites_table(records, datetime.now(UTC)))
+        console.print(sites_table(records, datetime.now(UTC), {"sync": sync, "health": health}))
 
 
 @sites_app.command("show")

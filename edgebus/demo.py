@@ -32,6 +32,7 @@ from edgebus.center import (
     declare_center_streams,
     start_center_server,
 )
+from edgebus.config_cli import set_config
 from edgebus.demo_center import ControllerTuning, DemoCenter
 from edgebus.devices import read_stats
 from edgebus.fleet_view import FleetCollector, FleetSnapshot, ViewContext, fleet_view, site_summary
@@ -45,6 +46,7 @@ from edgebus.processes import (
 from edgebus.sites import add_sites
 from edgebus.status import collect_status, status_table
 from schemas.controller import Availability, ControllerStats, ControllerStatsQuery
+from schemas.sync import ConfigSet, Scope, Target
 
 MARKER_FILE = ".edgebus-demo"
 LOCK_FILE = "demo.lock"
@@ -219,6 +221,8 @@ class Demo:
         self.bus = await self.center.connect()
         await declare_center_streams(self.bus)
         await self._start_controller()
+        self._start_alarms()
+        await self._start_sync()
         tokens = await self._add_sites()
         self._checkpoint()
         for site in self.sites:
@@ -262,6 +266,38 @@ class Demo:
             f"controller up (pid {controller.pid}): heartbeats every {t.heartbeat_interval_s:g}s,"
             f" offline after {t.offline_after_s:g}s"
         )
+
+    async def _start_sync(self) -> None:
+        """The config-sync service, and a first config for the demo group: each site gets it
+        in its onboarding reply and `edgebus sync status` shows it in sync."""
+        sync = self._spawn("sync", self.center.sync_argv(self.options.tuning))
+        assert self.bus is not None
+        change = ConfigSet(
+            kind="ingest",
+            target=Target(scope=Scope.GROUP, name="demo"),
+            values={"max_payload_bytes": 16 * 1024},
+            actor="demo",
+        )
+        deadline = time.monotonic() + CONTROLLER_READY_TIMEOUT_S
+        while True:
+            self._checkpoint()
+            self._check_children()
+            try:
+                result = await set_config(self.bus, change, timeout=2.0)
+                break
+            except Exception as exc:
+                if time.monotonic() >= deadline:
+                    raise DemoError(
+                        f"config sync did not answer within {CONTROLLER_READY_TIMEOUT_S:.0f}s"
+                        f" ({type(exc).__name__}); its log:\n{sync.log_tail()}"
+                    ) from None
+            await self._until_stopped(0.2)
+        self._say(f"config sync up (pid {sync.pid}): ingest config rev {result.rev} for group demo")
+
+    def _start_alarms(self) -> None:
+        """The alarms service: `edgebus alarms list` and the HEALTH of `edgebus sites list`."""
+        alarms = self._spawn("alarms", self.center.alarms_argv(self.options.tuning))
+        self._say(f"alarms service started (pid {alarms.pid})")
 
     async def _add_sites(self) -> dict[str, str]:
         """`edgebus sites add` for the real sites: one single-use bootstrap token each."""
@@ -340,7 +376,7 @@ class Demo:
 
     async def _watch(self) -> None:
         assert self.bus is not None
-        collector = FleetCollector(self.bus)
+        collector = FleetCollector(self.bus, self.sites)
         previous: tuple[float, dict[str, int]] | None = None
         live = Live(console=self.console, auto_refresh=False, transient=False)
         try:
@@ -420,13 +456,21 @@ class Demo:
 
     async def _shutdown(self) -> list[psutil.Process]:
         """Sites first (each stops its agent, then its leaf server), then the simulator,
-        devices and controller, then the center; returns what is still alive after that."""
+        devices, the controller and the other center services, then the center; returns what
+        is still alive after that."""
         children = self.children
         groups = [
             [c for name, c in children.items() if name.startswith("site-")],
             [c for name, c in children.items() if name == "simulator"],
             [c for name, c in children.items() if name == "devices"],
             [c for name, c in children.items() if name == "controller"],
+            # Center services (sync, alarms, ...): everything not named above.
+            [
+                c
+                for name, c in children.items()
+                if not name.startswith("site-")
+                and name not in ("simulator", "devices", "controller")
+            ],
         ]
 
         def announce(group: Sequence[ChildProcess]) -> None:

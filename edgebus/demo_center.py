@@ -45,7 +45,7 @@ class DemoCenter:
     def start(self) -> None:
         """Keys (made on first use), one creds file per center identity, then the server."""
         authority = CredentialAuthority(self.authority_dir)
-        for name in ("demo", "controller", "simulator"):
+        for name in ("demo", "controller", "simulator", "sync", "alarms"):
             write_private(self.creds_path(name), authority.issue_service_credentials(name))
         write_private(self.creds_path("system"), authority.system_credentials())
         extra = authority.server_config_block(self.directory / "accounts")
@@ -98,6 +98,36 @@ class DemoCenter:
             str(tuning.sweep_interval_s),
             "--persist-every-s",
             str(tuning.persist_every_s),
+            "--lease-ttl-s",
+            str(tuning.lease_ttl_s),
+        ]
+
+    def sync_argv(self, tuning: ControllerTuning) -> list[str]:
+        """The config-sync service: audits every heartbeat interval in the demo."""
+        return [
+            sys.executable,
+            "-m",
+            "services.sync",
+            "--nats",
+            self.url,
+            "--credentials",
+            str(self.creds_path("sync")),
+            "--audit-interval-s",
+            str(tuning.heartbeat_interval_s),
+            "--lease-ttl-s",
+            str(tuning.lease_ttl_s),
+        ]
+
+    def alarms_argv(self, tuning: ControllerTuning) -> list[str]:
+        """The alarms service (one replica; more could run against the same center)."""
+        return [
+            sys.executable,
+            "-m",
+            "services.alarms",
+            "--nats",
+            self.url,
+            "--credentials",
+            str(self.creds_path("alarms")),
             "--lease-ttl-s",
             str(tuning.lease_ttl_s),
         ]

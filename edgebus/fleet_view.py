@@ -21,9 +21,11 @@ from rich.text import Text
 from bus import subjects
 from bus.client import Bus
 from bus.streams import center_alarm_stream, dead_letter_stream, uplink_stream
+from edgebus.config_cli import sync_status
 from edgebus.sites import ago, list_sites
 from schemas.alarms import AlarmRaised
 from schemas.controller import Availability, SiteRecord, SitesQuery
+from schemas.sync import SyncStatusQuery
 
 READINGS = uplink_stream("reading").name
 SITE_ALARMS = uplink_stream("alarm").name
@@ -42,6 +44,8 @@ class FleetSnapshot:
     active_alarms: Mapping[str, int] = field(default_factory=dict)  # site -> raised, not cleared
     streams: Mapping[str, int] = field(default_factory=dict)  # center stream -> messages
     errors: tuple[str, ...] = ()
+    sync: Mapping[str, str] = field(default_factory=dict)  # site -> config sync state
+    sync_totals: Mapping[str, int] = field(default_factory=dict)  # state -> sites
 
     @property
     def dead_letters(self) -> int:
@@ -73,8 +77,9 @@ class FleetCollector:
     """Reads the center for the table; remembers each alarm subject's last state, so an
     alarm subject is read again only when new messages arrived on it."""
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, sites: Sequence[str] = ()) -> None:
         self.bus = bus
+        self.sites = list(sites)  # whose config sync state to show one by one
         self._alarm_state: dict[tuple[str, str], tuple[int, bool]] = {}  # -> (count, raised)
 
     async def collect(self) -> FleetSnapshot:
@@ -99,7 +104,18 @@ class FleetCollector:
                 site = _site_of(subject)
                 if site is not None and await self._raised(stream, subject, counts[subject]):
                     alarms[site] += 1
-        return FleetSnapshot(tuple(records), readings, dict(alarms), streams, tuple(errors))
+        sync: dict[str, str] = {}
+        sync_totals: dict[str, int] = {}
+        try:
+            query = SyncStatusQuery(sites=self.sites, limit=max(1, len(self.sites)))
+            status = await sync_status(self.bus, query, timeout=1.0)
+            sync = {site: state.value for site, state in status.sites.items()}
+            sync_totals = dict(status.totals)
+        except Exception as exc:
+            errors.append(f"sync: {type(exc).__name__} {exc}".strip())
+        return FleetSnapshot(
+            tuple(records), readings, dict(alarms), streams, tuple(errors), sync, sync_totals
+        )
 
     async def _subjects(self, stream: str, pattern: str, errors: list[str]) -> dict[str, int]:
         try:
@@ -204,6 +220,21 @@ def _virtual_line(records: Sequence[SiteRecord], snapshot: FleetSnapshot) -> Tex
     return line
 
 
+_SYNC_STYLE = {"in-sync": "green", "out-of-sync": "yellow", "failed": "red bold", "unknown": "dim"}
+
+
+def _sync_line(snapshot: FleetSnapshot) -> Text:
+    """Config sync over the whole fleet, by state."""
+    line = Text("config sync: ")
+    parts = [
+        Text(f"{count:,} {state}", style=_SYNC_STYLE.get(state, ""))
+        for state, count in snapshot.sync_totals.items()
+        if count
+    ]
+    line.append_text(Text(", ").join(parts) if parts else Text("no sites", style="dim"))
+    return line
+
+
 def fleet_view(snapshot: FleetSnapshot, context: ViewContext) -> Group:
     """Header (center streams, dead letters) and one row per real site, one for virtual ones."""
     header = Text.assemble(
@@ -229,6 +260,8 @@ def fleet_view(snapshot: FleetSnapshot, context: ViewContext) -> Group:
     parts: list[Any] = [header, streams, table]
     if virtual:
         parts.append(_virtual_line(virtual, snapshot))
+    if snapshot.sync_totals:
+        parts.append(_sync_line(snapshot))
     if context.status_line:
         parts.append(Text(context.status_line, style="dim"))
     parts += [Text(error, style="yellow") for error in snapshot.errors]
@@ -251,4 +284,5 @@ def site_summary(
         "devices_sent": devices_sent.get(site, 0),
         "readings_at_center": snapshot.readings.get(site, 0),
         "active_alarms": snapshot.active_alarms.get(site, 0),
+        "config_sync": snapshot.sync.get(site),
     }

@@ -20,12 +20,14 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
+from pydantic import ValidationError
 from rich.console import Console, Group
 from rich.table import Table
 
 from bus import subjects
 from bus.client import Bus, BusConnectError, RemoteError, open_connection
 from bus.config import NatsConfig, ReconnectPolicy
+from bus.log import get_logger
 from bus.streams import site_events_stream
 from edge_agent.onboarding import SiteIdentityRecord, load_identity, onboard
 from edge_agent.onboarding.identity import IdentityError
@@ -35,11 +37,15 @@ from edge_agent.supervisor import (
     SiteState,
     SiteStateError,
     SiteSupervisor,
+    agent_data_dir,
     process_alive,
     read_site_state,
 )
+from edge_agent.sync.agent import seed_from_bundle
+from edge_agent.sync.store import AppliedStore, store_dir
 from schemas import REGISTRY, EventDecodeError
 from schemas.bootstrap import BootstrapToken
+from schemas.sync import ConfigBundle
 
 DEFAULT_SITES_DIR = Path(".edgebus/sites")
 _HTTP_TIMEOUT_S = 1.0
@@ -133,6 +139,7 @@ def prepare_site_run(
         except IdentityError as exc:
             raise SiteToolError(str(exc)) from None
     if identity is not None:
+        seed_config(identity, directory)
         return run_config_from_identity(identity, directory, leaf_url=leaf_url, **options)
     if site is None or center is None:
         raise SiteToolError(
@@ -140,6 +147,21 @@ def prepare_site_run(
             "--site and --center nats-leaf://HOST:PORT"
         )
     return SiteRunConfig(site=site, center_leaf_url=center, data_dir=directory, **options)
+
+
+def seed_config(identity: SiteIdentityRecord, directory: Path) -> bool:
+    """The config received at onboarding becomes what the agent starts on, unless the agent
+    already keeps one of its own (it is newer). True if it was seeded."""
+    store = AppliedStore(store_dir(agent_data_dir(directory)))
+    if store.path.exists() or not identity.desired_config:
+        return False
+    try:
+        bundle = ConfigBundle.model_validate(identity.desired_config)
+    except ValidationError as exc:  # an older center's placeholder: the agent pulls instead
+        get_logger("edgebus.site").warning("onboarding_config_unusable", error=str(exc)[:300])
+        return False
+    seed_from_bundle(store, bundle)
+    return True
 
 
 # -- run ----------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Requests go through `Bus.request`; rendering is plain functions over `SiteRecord
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -116,6 +116,26 @@ async def change_site(bus: Bus, change: SiteChange) -> SiteChanged:
     return answer.data
 
 
+async def site_health(bus: Bus, sites: Sequence[str], timeout: float = 1.0) -> dict[str, str]:
+    """Each site's alarm health (critical / degraded / ok) for `sites list`, from the alarms
+    service; {} (the column shows "?") if it does not answer within `timeout`."""
+    from schemas.alarms import AlarmsSummary, AlarmsSummaryQuery
+
+    if not sites:
+        return {}
+    try:
+        answer = await bus.request(
+            subjects.alarms_control("summary"),
+            AlarmsSummaryQuery(limit=0),  # every site that is not ok, nothing else
+            AlarmsSummary,
+            timeout=timeout,
+        )
+    except Exception:  # no alarms service: the list still works
+        return {}
+    unhealthy = answer.data.health
+    return {site: unhealthy[site].value if site in unhealthy else "ok" for site in sites}
+
+
 # -- rendering -------------------------------------------------------------------------------
 
 
@@ -153,10 +173,17 @@ _STATE_STYLE = {
 }
 
 
-def sites_table(records: Sequence[SiteRecord], now: datetime) -> Table:
+def sites_table(
+    records: Sequence[SiteRecord],
+    now: datetime,
+    extra: Mapping[str, Mapping[str, str]] | None = None,
+) -> Table:
+    """One row per site; `extra` adds columns other services answer for (name -> site ->
+    text, e.g. config sync state), "?" where a site has no value."""
+    extra = extra or {}
     table = Table(title=f"{len(records)} site(s)")
     columns = ("site", "group", "availability", "managed", "last seen", "version", "devices")
-    for column in (*columns, "backlog", "labels"):
+    for column in (*columns, "backlog", *extra, "labels"):
         table.add_column(column, no_wrap=column in ("site", "availability"))
     for record in records:
         row = site_row(record, now)
@@ -170,6 +197,7 @@ def sites_table(records: Sequence[SiteRecord], now: datetime) -> Table:
             str(row["version"]),
             str(row["devices"]),
             str(row["backlog"]),
+            *(values.get(record.site, "?") for values in extra.values()),
             row["labels"],
         )
     return table

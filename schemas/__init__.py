@@ -3,7 +3,7 @@
 Importing this package registers all event types in `REGISTRY`.
 """
 
-from schemas import alarms, common, controller, devices, site
+from schemas import alarms, common, controller, devices, logs, site, sync
 from schemas.catalog import REGISTRY
 from schemas.envelope import Event, EventData, new_event, parse_schema_uri, schema_uri
 from schemas.errors import (
@@ -37,9 +37,11 @@ __all__ = [
     "common",
     "controller",
     "devices",
+    "logs",
     "new_event",
     "new_event_id",
     "parse_schema_uri",
     "schema_uri",
     "site",
+    "sync",
 ]

@@ -8,9 +8,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.catalog import event
+from schemas.catalog import config_kind, event
 from schemas.envelope import EventData
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -26,3 +26,14 @@ class DeviceReading(EventData):
     # Any, not JsonValue: payloads come from parsed JSON, and JsonValue costs ~20% of decode.
     payload: dict[str, Any]
     device_time: datetime | None = None
+
+
+@config_kind("ingest")
+class IngestConfig(BaseModel):
+    """Device-ingest limits a site applies (config kind `ingest`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_payload_bytes: int = Field(
+        default=64 * 1024, ge=64, le=1024 * 1024, description="larger payloads are dead-lettered"
+    )

@@ -6,11 +6,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.catalog import event
+from schemas.catalog import config_kind, event
 from schemas.envelope import EventData
 
 
@@ -55,3 +55,16 @@ class SiteStatusReport(EventData):
     bridge: dict[str, int] = Field(
         default_factory=dict, description="external-broker bridge counters (empty: not bridged)"
     )
+
+
+@config_kind("replay")
+class ReplayLogConfig(BaseModel):
+    """Bounds of the site's replay log (config kind `replay`); a site whose storage cannot
+    hold `max_bytes` fails the apply and keeps its previous bounds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024)
+    max_age_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    policy: Literal["refuse_new", "drop_oldest"] = "refuse_new"
+    near_full_ratio: float = Field(default=0.8, gt=0, lt=1)

@@ -53,9 +53,25 @@ def encode_new_event(
 
     Decodes to exactly what `new_event(...)` with the same id and time would encode.
     """
+    data_json = data.__pydantic_serializer__.to_json(data)
+    return encode_new_event_json(
+        type(data), data_json, source=source, subject=subject, correlation_id=correlation_id
+    )
+
+
+def encode_new_event_json(
+    model: type[EventData],
+    data_json: bytes,
+    *,
+    source: str,
+    subject: str | None = None,
+    correlation_id: str | None = None,
+) -> tuple[str, bytes]:
+    """Like `encode_new_event`, around `data_json` already serialised from a validated
+    `model` instance: one payload fanned out to many recipients is serialised once."""
     event_id = new_event_id()
     parts = [
-        _prefix(type(data), source),
+        _prefix(model, source),
         f',"id":"{event_id}","time":"{format_time(utc_now())}"'.encode(),
     ]
     if subject is not None:
@@ -64,6 +80,6 @@ def encode_new_event(
         value = _json_string(correlation_id, "correlationid", _MAX_CORRELATION)
         parts.append(f',"correlationid":{value}'.encode())
     parts.append(b',"data":')
-    parts.append(data.__pydantic_serializer__.to_json(data))
+    parts.append(data_json)
     parts.append(b"}")
     return event_id, b"".join(parts)

@@ -47,7 +47,7 @@ from bus.auth import (
 )
 from bus.client import connect_options
 from bus.config import NatsConfig, ReconnectPolicy
-from bus.streams import ensure_stream, site_events_stream, uplink_stream
+from bus.streams import ensure_stream, ensure_uplink_streams, site_events_stream
 from bus.testing import EdgeTopology
 
 pytestmark = pytest.mark.timeout(60)
@@ -382,7 +382,7 @@ async def test_site_cannot_read_other_sites_commands_or_replies(
         deployment.hub_url, creds=deployment.topology.service_credentials()
     )
     js_center = center.nc.jetstream()
-    await ensure_stream(js_center, uplink_stream("reading"))
+    await ensure_uplink_streams(js_center)
 
     async def answer(msg: Msg) -> None:
         await center.nc.publish(msg.reply, b"reply-for-" + msg.subject.encode())
@@ -452,7 +452,7 @@ async def test_jetstream_publish_works_but_no_jetstream_api_access(
     center = await clients.connect(
         deployment.hub_url, creds=deployment.topology.service_credentials()
     )
-    await ensure_stream(center.nc.jetstream(), uplink_stream("reading"))
+    await ensure_uplink_streams(center.nc.jetstream())
     s2 = await clients.connect(deployment.site_url("s2"), inbox=subjects.site_inbox_prefix("s2"))
     s2_ack = await s2.nc.jetstream().publish(subjects.up("s2", "reading", "d", "t"), b"s2-data")
 

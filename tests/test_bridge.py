@@ -22,7 +22,7 @@ from bus.deadletter import HEADER_PREFIX
 from bus.mosquitto import MosquittoProcess, MosquittoSpec
 from bus.mqtt import AsyncMqttClient, MqttConfig, MqttProtocol
 from bus.natsserver import NatsServerProcess
-from bus.streams import ensure_stream, uplink_stream
+from bus.streams import ensure_uplink_streams
 from bus.testing import EdgeTopology
 from edge_agent.config import AgentConfig, ExternalBroker, ReplayConfig
 from edge_agent.runtime import EdgeAgent, RestartPolicy
@@ -77,7 +77,7 @@ async def site(
     server = await asyncio.to_thread(edge_topology.add_site, SITE)
     hub_nc = await nats.connect(edge_topology.hub.url)
     hub_js = hub_nc.jetstream()
-    await ensure_stream(hub_js, uplink_stream("reading"))
+    await ensure_uplink_streams(hub_js)
     try:
         yield server, hub_js
     finally:

@@ -28,8 +28,37 @@ from pydantic import ValidationError
 from schemas import REGISTRY, EventData, EventSpec, SchemaViolation, new_event
 from schemas.common import ErrorReply
 from schemas.devices import DeviceReading
+from schemas.logs import LogLevel, LogRecord
+from schemas.sync import (
+    ConfigChanged,
+    ConfigHistory,
+    ConfigSet,
+    ConfigSetResult,
+    ConfigView,
+    KeyChange,
+    LayerView,
+    SiteDiff,
+    Target,
+)
 
 FORMAT = JSONFormat()
+
+_T0 = datetime(2026, 3, 4, 5, 6, 7, 890000, tzinfo=UTC)
+_GROUP = Target(scope="group", name="plant-a")
+_DIFF = SiteDiff(
+    site="s001", changes=[KeyChange(key="max_payload_bytes", before=65536, after=16384)]
+)
+_CHANGED = ConfigChanged(
+    kind="ingest",
+    target=_GROUP,
+    rev=7,
+    values={"max_payload_bytes": 16384},
+    unset=[],
+    actor="ops",
+    targeted=2,
+    changed_sites=1,
+    at=_T0,
+)
 
 # Hand-written payloads for the types we know; any other registered type gets one generated
 # from its JSON Schema (see `generated_sample`), so new event types are covered automatically.
@@ -42,6 +71,38 @@ SAMPLES: dict[tuple[str, int], EventData] = {
         device_time=datetime(2026, 3, 4, 5, 6, 7, 890000, tzinfo=UTC),
     ),
     ("edgebus.error", 1): ErrorReply(code="handler_failed", message="boom: ünïcode ✓"),
+    ("edgebus.log.record", 1): LogRecord(
+        site="s001",
+        level=LogLevel.WARNING,
+        logger="edge_agent.ingest",
+        message="payload_rejected",
+        timestamp=_T0,
+        fields={"reason": "too large", "bytes": 70000, "nested": {"ok": False}},
+        device="pump-3",
+        event_id="0190c0de-0000-7000-8000-000000000001",
+    ),
+    ("edgebus.sync.set", 1): ConfigSet(
+        kind="ingest", target=_GROUP, values={"max_payload_bytes": 16384}, actor="ops"
+    ),
+    ("edgebus.sync.set.result", 1): ConfigSetResult(
+        kind="ingest",
+        target=_GROUP,
+        rev=7,
+        dry_run=False,
+        targeted=2,
+        changed=1,
+        diffs=[_DIFF],
+    ),
+    ("edgebus.sync.view", 1): ConfigView(
+        kind="ingest",
+        site="s001",
+        layers=[LayerView(target=_GROUP, values={"max_payload_bytes": 16384}, rev=7)],
+        effective={"max_payload_bytes": 16384},
+        rev=7,
+        digest="ab12",
+    ),
+    ("edgebus.sync.changed", 1): _CHANGED,
+    ("edgebus.sync.history", 1): ConfigHistory(changes=[_CHANGED]),
 }
 
 _STRING_CANDIDATES = ("sample-1", "s001", "a", "A1", "x" * 8, "sample text")

@@ -44,8 +44,8 @@ from bus.streams import (
     StreamSpec,
     dead_letter_stream,
     ensure_stream,
+    ensure_uplink_streams,
     site_replay_stream,
-    uplink_stream,
 )
 from bus.testing import EdgeTopology
 from edge_agent.alarms import LocalAlarms
@@ -209,8 +209,7 @@ async def make_site(edge_topology: EdgeTopology) -> AsyncIterator[SiteFactory]:
         )
         connections.extend([hub_nc, site_nc])
         hub_js = hub_nc.jetstream()
-        for kind in ("reading", "alarm"):
-            await ensure_stream(hub_js, uplink_stream(kind))
+        await ensure_uplink_streams(hub_js)
         spec = spec or site_replay_stream(
             SITE, max_bytes=256 * 1024**2, max_age_s=3600, policy=ReplayFullPolicy.REFUSE_NEW
         )

@@ -26,7 +26,7 @@ from bus.config import NatsConfig
 from bus.deadletter import HEADER_PREFIX
 from bus.mqtt import AsyncMqttClient, MqttConfig
 from bus.natsserver import NatsServerProcess
-from bus.streams import ensure_stream, uplink_stream
+from bus.streams import ensure_uplink_streams
 from bus.testing import EdgeTopology
 from edge_agent.config import AgentConfig, ReplayConfig
 from edge_agent.ingest.convert import IngestLimits
@@ -166,7 +166,7 @@ async def rig(edge_topology: EdgeTopology, tmp_path: Path) -> AsyncIterator[Site
     site = await asyncio.to_thread(edge_topology.add_site, SITE)
     hub_nc = await nats.connect(edge_topology.hub.url)
     hub_js = hub_nc.jetstream()
-    await ensure_stream(hub_js, uplink_stream("reading"))
+    await ensure_uplink_streams(hub_js)
     bus = await Bus.connect(NatsConfig.from_url(site.url, name="observer"), scope=SITE)
     device = AsyncMqttClient(
         MqttConfig(port=site.mqtt_port, client_id="device-1", connect_timeout=5, ack_timeout=5)

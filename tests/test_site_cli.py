@@ -30,7 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bus import subjects
 from bus.linkproxy import LinkProxy
 from bus.natsserver import NatsServerProcess
-from bus.streams import ensure_stream, uplink_stream
+from bus.streams import ensure_uplink_streams
 from edge_agent.supervisor import AGENT, SERVER, SiteState, SiteStateError, read_site_state
 
 pytestmark = pytest.mark.timeout(120)
@@ -109,7 +109,7 @@ async def declare_center_uplink(hub: NatsServerProcess) -> None:
     """The center stream the site's forwarder delivers readings to."""
     nc = await nats.connect(hub.url, connect_timeout=2, max_reconnect_attempts=1)
     try:
-        await ensure_stream(nc.jetstream(), uplink_stream("reading"))
+        await ensure_uplink_streams(nc.jetstream())
     finally:
         await nc.close()
 
@@ -167,6 +167,20 @@ def running_site(hub: NatsServerProcess, tmp_path: Path) -> Iterator[RunningSite
         proxy.stop()
 
 
+async def replay_entries_by_kind(state: SiteState) -> dict[str, int]:
+    """Entries in the site's REPLAY stream per kind (`replay.<site>.<kind>...`)."""
+    nc = await nats.connect(state.nats_url, connect_timeout=2, max_reconnect_attempts=1)
+    try:
+        info = await nc.jetstream().stream_info("REPLAY", subjects_filter=">")
+        counts: dict[str, int] = {}
+        for subject, n in (info.state.subjects or {}).items():
+            kind = subject.split(".")[2]
+            counts[kind] = counts.get(kind, 0) + n
+        return counts
+    finally:
+        await nc.close()
+
+
 def cut(site: RunningSite) -> None:
     site.proxy.cut()
     site.hub.wait_leaf_connections(0, timeout=10)
@@ -212,8 +226,12 @@ def test_status_and_tail_work_with_the_center_link_cut(running_site: RunningSite
     assert report["site"] == SITE
     streams = {s["name"]: s for s in status["streams"]}
     assert streams["EVENTS"]["messages"] >= len(online) + len(offline)
-    # ...offline, what the site owes the center waits in its replay log.
-    assert streams["REPLAY"]["messages"] == len(offline)
+    # ...offline, what the site owes the center waits in its replay log: the readings, and
+    # the agent's own warnings about the lost link (shipped logs go the same way).
+    owed = asyncio.run(replay_entries_by_kind(running_site.state))
+    assert owed.pop("reading") == len(offline)
+    assert set(owed) <= {"log"}
+    assert streams["REPLAY"]["messages"] == len(offline) + sum(owed.values())
 
     result = edgebus(
         "site",

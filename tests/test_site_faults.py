@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from bus import subjects
 from bus.client import Bus
 from bus.natsserver import NatsServerProcess
-from bus.streams import ReplayFullPolicy, ensure_stream, uplink_stream
+from bus.streams import ReplayFullPolicy, ensure_uplink_streams
 from bus.testing import EdgeTopology
 from edge_agent.replay.policy import CAUSE_LOSING
 from schemas import REGISTRY
@@ -114,8 +114,7 @@ class Rig:
 async def rig(edge_topology: EdgeTopology, tmp_path: Path) -> AsyncIterator[Rig]:
     hub = await nats.connect(edge_topology.hub.url)
     hub_js = hub.jetstream()
-    for kind in ("reading", "alarm"):
-        await ensure_stream(hub_js, uplink_stream(kind))
+    await ensure_uplink_streams(hub_js)
     rig = Rig(edge_topology, tmp_path, hub, hub_js)
     try:
         yield rig

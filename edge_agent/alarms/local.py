@@ -64,8 +64,16 @@ class LocalAlarms:
         """Alarm changes published locally but not yet in the replay log."""
         return len(self._pending)
 
-    async def raise_(self, entity: str, probable_cause: str, severity: Severity, text: str) -> bool:
-        """Raise an alarm; False (and nothing published) if it is already active."""
+    async def raise_(
+        self,
+        entity: str,
+        probable_cause: str,
+        severity: Severity,
+        text: str,
+        *,
+        at: datetime | None = None,
+    ) -> bool:
+        """Raise an alarm (at `at`, default now); False (nothing published) if already active."""
         identity = alarm_id(self.site, entity, probable_cause)
         if identity in self._active:
             return False
@@ -76,7 +84,7 @@ class LocalAlarms:
             severity=severity,
             probable_cause=probable_cause,
             text=text,
-            raised_at=datetime.now(UTC),
+            raised_at=at or datetime.now(UTC),
         )
         self._active[identity] = data
         self._log.warning("alarm_raised", alarm_id=identity, severity=str(severity), text=text)
@@ -85,8 +93,10 @@ class LocalAlarms:
         await self._publish(entity, event)
         return True
 
-    async def clear(self, entity: str, probable_cause: str, text: str = "") -> bool:
-        """Clear an alarm; False (and nothing published) if it is not active."""
+    async def clear(
+        self, entity: str, probable_cause: str, text: str = "", *, at: datetime | None = None
+    ) -> bool:
+        """Clear an alarm (at `at`, default now); False (nothing published) if not active."""
         identity = alarm_id(self.site, entity, probable_cause)
         if self._active.pop(identity, None) is None:
             return False
@@ -97,7 +107,7 @@ class LocalAlarms:
             entity=entity,
             probable_cause=probable_cause,
             text=text,
-            cleared_at=datetime.now(UTC),
+            cleared_at=at or datetime.now(UTC),
         )
         self._log.info("alarm_cleared", alarm_id=identity, text=text)
         await self._publish(entity, self._bus.event(data, subject=identity))

@@ -25,7 +25,7 @@ from bus.pullfeed import PullFeed
 from bus.replaylog import AppendResult, AppendStatus, LogEntry, ReplayLog
 from bus.streams import site_ingest_stream
 from edge_agent.config import AgentConfig
-from edge_agent.ingest.convert import Rejection, reading_from_device_message
+from edge_agent.ingest.convert import IngestLimits, Rejection, reading_from_device_message
 from edge_agent.ingest.ordering import SequenceGate
 from schemas import REGISTRY, Event
 
@@ -185,6 +185,7 @@ class IngestWorker:
         self.config = config
         self.site = subjects.site_id(config.site)
         self.tuning = tuning or IngestTuning()
+        self.limits = config.ingest  # replaced live by config sync (`set_limits`)
         self._counters = _Counters()
         self._local_subjects: dict[tuple[str, str], str] = {}
         self._last_keepalive = 0.0
@@ -193,6 +194,11 @@ class IngestWorker:
 
     def stats(self) -> IngestStats:
         return self._counters.snapshot()
+
+    def set_limits(self, limits: IngestLimits) -> None:
+        """New limits for every message converted from now on."""
+        self.limits = limits
+        self._log.info("ingest_limits_applied", max_payload_bytes=limits.max_payload_bytes)
 
     def device_count(self) -> int:
         """Distinct devices seen since start, at most `MAX_TRACKED_DEVICES` (cheap)."""
@@ -316,7 +322,7 @@ class IngestWorker:
         delivered, stream_seq = delivery_of(msg.reply)
         if delivered > 1:
             self._counters.redelivered += 1
-        outcome = reading_from_device_message(self.site, msg.subject, msg.data, self.config.ingest)
+        outcome = reading_from_device_message(self.site, msg.subject, msg.data, self.limits)
         if isinstance(outcome, Rejection):
             return outcome
         device, channel = outcome.device, outcome.channel

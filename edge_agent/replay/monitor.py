@@ -47,6 +47,10 @@ class ReplayMonitor:
         self._snapshot: dict[str, Any] = {}
         self._log = get_logger("edge_agent.replay", site=forwarder.site)
 
+    def set_config(self, config: ReplayConfig) -> None:
+        """New bounds (config sync): judged against from the next check on."""
+        self._config = config
+
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:

@@ -2,8 +2,9 @@
 
 How the center is measured at scale and how the demo shows a large fleet. Each virtual site
 onboards with its own bootstrap token (`sites.add`, then `OnboardRequest`) and heartbeats
-(`SiteHeartbeat` on `up.<site>.heartbeat`, inventory from the agent's `inventory_from`);
-later protocols (config acks, alarms, usage) join here as they land.
+(`SiteHeartbeat` on `up.<site>.heartbeat`, inventory from the agent's `inventory_from`)
+and answers config pushes (`ConfigDesired` validated against its kind, `ConfigReport` back;
+no periodic reports); later protocols (alarms, usage) join here as they land.
 
 What differs from a real site, and only this: the virtual sites share a few NATS
 connections under ONE simulator identity that is allowed to speak for all of them. On a

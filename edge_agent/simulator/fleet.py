@@ -24,6 +24,7 @@ from bus.log import get_logger
 from edge_agent.heartbeat.sender import HEARTBEAT_KIND
 from edge_agent.simulator import plan
 from edge_agent.simulator.config import SimulatorConfig
+from edge_agent.simulator.config_sync import SimulatedConfigSync
 from edge_agent.simulator.onboarding import FleetOnboarding, OnboardSummary, fleet_records
 from edge_agent.simulator.wire import (
     HeartbeatTemplate,
@@ -93,6 +94,7 @@ class SimulatedFleet:
         self._blasted = 0
         self._last_error: str | None = None
         self.onboarding: OnboardSummary | None = None  # of the latest `onboard()`
+        self.config_sync: SimulatedConfigSync | None = None
         self._log = get_logger("edge_agent.simulator", fleet=config.prefix)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -109,6 +111,9 @@ class SimulatedFleet:
 
     async def close(self) -> None:
         await self.stop_heartbeats()
+        if self.config_sync is not None:
+            with contextlib.suppress(Exception):
+                await self.config_sync.stop()
         buses, self._buses = self._buses, []
         for bus in buses:
             with contextlib.suppress(Exception):
@@ -136,6 +141,25 @@ class SimulatedFleet:
 
     def _bus_for(self, index: int) -> Bus:
         return self._buses[index % len(self._buses)]
+
+    # -- config sync ----------------------------------------------------------------------
+
+    async def start_config_sync(self) -> SimulatedConfigSync:
+        """Answer config pushes for the onboarded virtual sites, as their agents would."""
+        if self.config_sync is None:
+            self.config_sync = SimulatedConfigSync(self._buses, self._answers_config)
+            await self.config_sync.start()
+        return self.config_sync
+
+    def _answers_config(self, site: str) -> bool:
+        index = plan.site_index(self.config.prefix, self.config.sites, site)
+        return index is not None and bool(self._onboarded[index])
+
+    def mark_onboarded(self, sites: Iterable[str]) -> None:
+        """Sites registered and onboarded by other means (a benchmark that writes the
+        registry directly): they then heartbeat and answer config like the others."""
+        for site in sites:
+            self._onboarded[self.index(site)] = 1
 
     # -- onboarding -----------------------------------------------------------------------
 

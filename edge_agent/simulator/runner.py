@@ -61,6 +61,7 @@ async def simulate(
                 f"groups over {config.connections} connection(s) to {config.server}"
             )
             fleet.start_heartbeats()
+            await fleet.start_config_sync()
             onboarding = asyncio.create_task(fleet.onboard())
             stopping = asyncio.create_task(stop.wait())
             await asyncio.wait({onboarding, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -31,6 +31,8 @@ class ControllerConfig:
     replica_id: str = field(default_factory=default_replica_id)
     # Leader lease: a dead leader is replaced within about one TTL.
     lease_ttl_s: float = 10.0
+    # How long onboarding waits for the sync service to send the new site its config.
+    config_lookup_timeout_s: float = 2.0
     # How often the leader looks at the sites that are due (availability resolution).
     sweep_interval_s: float = 1.0
     # Heartbeats are kept in memory; the registry gets last_seen/inventory at most this

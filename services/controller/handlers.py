@@ -6,7 +6,7 @@ Each handler reads, decides with the pure modules, writes with compare-and-set, 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -82,6 +82,10 @@ class TokenStore:
         await self._kv.delete(site)
 
 
+# The site's whole effective config at onboarding (`{}` when config sync does not answer).
+DesiredConfigLookup = Callable[[str], Awaitable[dict[str, Any]]]
+
+
 class SiteRequests:
     """The controller's request handlers; any replica may serve any request."""
 
@@ -95,6 +99,7 @@ class SiteRequests:
         authority: SiteAuthority | None,
         sightings: SightingLookup,
         clock: Callable[[], datetime],
+        desired_config: DesiredConfigLookup | None = None,
     ) -> None:
         self._registry = registry
         self._tokens = tokens
@@ -103,6 +108,7 @@ class SiteRequests:
         self._authority = authority
         self._sightings = sightings
         self._clock = clock
+        self._desired_config = desired_config
         self.served: dict[str, int] = {"add": 0, "query": 0, "change": 0, "onboard": 0}
         self._log = get_logger("controller.requests", replica=config.replica_id)
 
@@ -254,6 +260,10 @@ class SiteRequests:
             reply, repeat = await self._onboard(request.data, now)
         except Refusal as refusal:
             return await self._refuse("onboard", request.data.site, refusal, request, now)
+        if self._desired_config is not None:
+            # The site starts on its full config; if sync does not answer it pulls it later.
+            desired = await self._desired_config(reply.site)
+            reply = reply.model_copy(update={"desired_config": desired})
         credentials = "issued" if reply.user_jwt else "none (no auth)"
         reason = f"onboarded, credentials {credentials}"
         if repeat:

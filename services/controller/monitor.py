@@ -17,6 +17,7 @@ from nats.aio.subscription import Subscription
 
 from bus import subjects
 from bus.client import Bus
+from bus.lease import LeaderLease
 from bus.log import get_logger
 from schemas.controller import AvailabilityChanged, SiteHeartbeat, SiteRecord
 from schemas.errors import EventDecodeError
@@ -29,7 +30,6 @@ from services.controller.availability import (
 )
 from services.controller.config import ControllerConfig
 from services.controller.emitter import Emitter
-from services.controller.lease import LeaderLease
 from services.controller.liveness import LivenessTable, Sighting
 from services.controller.registry import Registry
 

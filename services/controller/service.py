@@ -9,12 +9,14 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from bus import subjects
 from bus.client import Bus
+from bus.lease import LeaderLease
 from bus.log import get_logger
 from bus.streams import (
     BOOTSTRAP_TOKENS_KV,
@@ -36,11 +38,11 @@ from schemas.controller import (
     SitesQuery,
 )
 from schemas.envelope import Event, EventData, utc_now
+from schemas.sync import ConfigBundle, ConfigBundleQuery
 from services.controller.config import ControllerConfig
 from services.controller.credentials import SiteAuthority
 from services.controller.emitter import Emitter
 from services.controller.handlers import SiteRequests, TokenStore
-from services.controller.lease import LeaderLease
 from services.controller.monitor import AvailabilityMonitor
 from services.controller.registry import Registry
 
@@ -125,6 +127,7 @@ class ControllerService:
             authority=self.authority,
             sightings=self.monitor.table.get,
             clock=self._clock,
+            desired_config=self._desired_config,
         )
         await self.monitor.start()
         await self.lease.tick()
@@ -171,6 +174,21 @@ class ControllerService:
             heartbeat_interval_s=self.config.policy.heartbeat_interval_s,
             offline_after_s=self.config.policy.offline_after_s,
         )
+
+    async def _desired_config(self, site: str) -> dict[str, Any]:
+        """The site's whole config from the sync service, for its onboarding reply; `{}`
+        if sync does not answer in time (the site then pulls it when its agent starts)."""
+        try:
+            answer = await self.bus.request(
+                subjects.control("sync", "bundle"),
+                ConfigBundleQuery(site=site),
+                ConfigBundle,
+                timeout=self.config.config_lookup_timeout_s,
+            )
+        except Exception as exc:
+            self._log.warning("onboarding_without_config", site=site, error=repr(exc))
+            return {}
+        return answer.data.model_dump(mode="json")
 
     async def _confirm_subscriptions(self) -> None:
         """Return once the server has every subscription made so far.

@@ -1,4 +1,4 @@
-"""Leader election among controller replicas: a lease key in a KV bucket with a TTL.
+"""Leader election among service replicas: a lease key in a KV bucket with a TTL.
 
 Acquire with create, renew with compare-and-set; the key expires when its holder stops.
 """
@@ -39,7 +39,7 @@ class LeaderLease:
         self._revision: int | None = None
         self._valid_until = 0.0
         self.terms = 0  # how many times this replica became leader
-        self._log = get_logger("controller.lease", replica=replica_id)
+        self._log = get_logger("bus.lease", replica=replica_id)
 
     @property
     def is_leader(self) -> bool:

@@ -1,0 +1,152 @@
+"""`KvMirror`: an in-memory copy of a JetStream KV bucket, kept current by a watcher.
+
+Values are parsed once on arrival; a watchdog re-synchronises a copy whose watcher stalled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, ItemsView
+from typing import Generic, TypeVar
+
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from bus.log import get_logger
+
+T = TypeVar("T")
+# Markers of a deleted key as nats-py reports them (`KV-Operation` header).
+_DELETE_OPS = ("DEL", "PURGE")
+
+Parse = Callable[[str, bytes], T | None]
+OnChange = Callable[[str, T | None, T | None], None]
+
+
+class KvMirror(Generic[T]):
+    """Every key of one bucket, parsed by `parse(key, value)` (None: skip and log).
+
+    `on_change(key, before, after)` runs for every change the watcher delivers after the
+    initial load (after None: deleted), in revision order.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        kv: KeyValue,
+        bucket: str,
+        parse: Parse[T],
+        on_change: OnChange[T] | None = None,
+    ) -> None:
+        self._js = js
+        self._kv = kv
+        self._stream = f"KV_{bucket}"
+        self._parse = parse
+        self._on_change = on_change
+        self._values: dict[str, T] = {}
+        self._revisions: dict[str, int] = {}
+        self._applied = 0
+        self._checked_at = -1
+        self._loading = False
+        self._watcher: KeyValue.KeyWatcher | None = None
+        self._follow: asyncio.Task[None] | None = None
+        self._resyncing = asyncio.Lock()
+        self.resyncs = 0
+        self._log = get_logger("bus.kvmirror", bucket=bucket)
+
+    # -- reads ------------------------------------------------------------------------
+
+    def get(self, key: str) -> T | None:
+        return self._values.get(key)
+
+    def items(self) -> ItemsView[str, T]:
+        return self._values.items()
+
+    def revision(self, key: str) -> int:
+        """The key's last revision seen (a deleted key keeps its delete marker's)."""
+        return self._revisions.get(key, 0)
+
+    @property
+    def applied(self) -> int:
+        """Highest bucket revision this copy has seen."""
+        return self._applied
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def remember(self, key: str, value: T | None, revision: int) -> None:
+        """Take a write we made ourselves now, without waiting for the watcher to echo it."""
+        self._store(key, value, revision, notify=True)
+
+    # -- the watcher ------------------------------------------------------------------
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Load the whole bucket, then keep following it."""
+        loaded = asyncio.Event()
+        self._loading = True
+        self._watcher = await self._kv.watchall()
+        self._follow = asyncio.create_task(self._follow_updates(self._watcher, loaded))
+        await asyncio.wait_for(loaded.wait(), timeout)
+        self._loading = False
+
+    async def stop(self) -> None:
+        if self._follow is not None:
+            self._follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follow
+            self._follow = None
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):  # already gone with its connection
+                await self._watcher.stop()  # type: ignore[no-untyped-call]
+            self._watcher = None
+
+    async def resync(self) -> None:
+        """Restart the watcher (its consumer may be gone): reloads the latest of each key."""
+        if self._resyncing.locked():
+            return
+        async with self._resyncing:
+            self.resyncs += 1
+            await self.stop()
+            await self.start()
+
+    async def check(self) -> None:
+        """Call periodically: a copy behind the bucket that has not moved since the last
+        check lost its watcher (e.g. the server restarted), so it re-synchronises."""
+        info = await self._js.stream_info(self._stream)
+        behind = self._applied < int(info.state.last_seq)
+        if behind and self._applied == self._checked_at:
+            self._log.warning("kv_watch_stalled", applied=self._applied)
+            await self.resync()
+        self._checked_at = self._applied
+
+    async def _follow_updates(self, watcher: KeyValue.KeyWatcher, loaded: asyncio.Event) -> None:
+        count = 0
+        async for entry in watcher:
+            if entry is None:  # end of the initial load
+                loaded.set()
+                continue
+            revision = entry.revision or 0
+            if entry.operation in _DELETE_OPS:
+                self._store(entry.key, None, revision, notify=loaded.is_set())
+            else:
+                value = self._parse(entry.key, entry.value or b"")
+                if value is not None:
+                    self._store(entry.key, value, revision, notify=loaded.is_set())
+            self._applied = max(self._applied, revision)
+            if entry.delta == 0:
+                loaded.set()
+            count += 1
+            if count % 1000 == 0:
+                await asyncio.sleep(0)  # a 100k-key load must not starve the loop
+
+    def _store(self, key: str, value: T | None, revision: int, *, notify: bool) -> None:
+        if revision <= self._revisions.get(key, 0):
+            return
+        self._revisions[key] = revision
+        before = self._values.get(key)
+        if value is None:
+            self._values.pop(key, None)
+        else:
+            self._values[key] = value
+        if notify and self._on_change is not None:
+            self._on_change(key, before, value)

@@ -1,0 +1,98 @@
+"""`python -m services.alarms`: one alarms-service replica until SIGTERM/SIGINT (then exit 0).
+
+Start several against the same NATS: they share requests; one leads (consumes, writes state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bus.log import configure_logging, get_logger
+from services.alarms.config import AlarmsConfig, default_replica_id
+from services.alarms.state import FlapPolicy
+from services.alarms.storm import StormPolicy
+
+
+def parser() -> argparse.ArgumentParser:
+    defaults, flap, storm = AlarmsConfig(), FlapPolicy(), StormPolicy()
+    p = argparse.ArgumentParser(prog="python -m services.alarms", description=__doc__)
+    p.add_argument("--nats", required=True, help="center NATS URL(s), comma-separated")
+    p.add_argument("--credentials", type=Path, help="NATS creds file of this service")
+    p.add_argument("--replica-id", default=None)
+    p.add_argument("--lease-ttl-s", type=float, default=defaults.lease_ttl_s)
+    p.add_argument("--flush-every-s", type=float, default=defaults.flush_every_s)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--tick-s", type=float, default=defaults.tick_s)
+    p.add_argument(
+        "--flap-window-s", type=float, default=flap.window_s, help="flap detection window"
+    )
+    p.add_argument(
+        "--flap-threshold", type=int, default=flap.threshold, help="changes in a window: flapping"
+    )
+    p.add_argument("--flap-quiet-s", type=float, default=flap.quiet_s, help="then settled")
+    p.add_argument("--site-notices-per-s", type=float, default=storm.site_rate_per_s)
+    p.add_argument("--site-notice-burst", type=int, default=storm.site_burst)
+    p.add_argument("--summary-every-s", type=float, default=storm.summary_every_s)
+    p.add_argument("--retention-days", type=float, default=defaults.retention_s / 86400)
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> AlarmsConfig:
+    return AlarmsConfig(
+        replica_id=args.replica_id or default_replica_id(),
+        flap=FlapPolicy(
+            window_s=args.flap_window_s, threshold=args.flap_threshold, quiet_s=args.flap_quiet_s
+        ),
+        storm=StormPolicy(
+            site_rate_per_s=args.site_notices_per_s,
+            site_burst=args.site_notice_burst,
+            summary_every_s=args.summary_every_s,
+        ),
+        lease_ttl_s=args.lease_ttl_s,
+        flush_every_s=args.flush_every_s,
+        batch_size=args.batch_size,
+        tick_s=args.tick_s,
+        retention_s=args.retention_days * 86400,
+    )
+
+
+async def serve(args: argparse.Namespace, config: AlarmsConfig) -> None:
+    # Imported after logging is configured (loggers bind at import in some modules).
+    from bus.client import Bus
+    from bus.config import NatsConfig
+    from services.alarms.service import AlarmsService
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    nats_config = NatsConfig.from_url(
+        args.nats, name=f"edgebus-alarms-{config.replica_id}", credentials=args.credentials
+    )
+    bus = await Bus.connect(nats_config, scope="center", source="/center/alarms")
+    try:
+        await AlarmsService(bus, config).run(stop)
+    finally:
+        await bus.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        get_logger("alarms").error("bad_arguments", error=str(exc))
+        return 2
+    asyncio.run(serve(args, config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The alarms service's settings: leader lease, batching and flush pacing, storm handling.
+
+One frozen config object; `python -m services.alarms` builds it from flags.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+from services.alarms.state import FlapPolicy
+from services.alarms.storm import StormPolicy
+
+DAY_S = 24 * 3600.0
+
+
+def default_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class AlarmsConfig:
+    """Every replica answers requests; the lease holder alone consumes and writes state."""
+
+    replica_id: str = field(default_factory=default_replica_id)
+    flap: FlapPolicy = field(default_factory=FlapPolicy)
+    storm: StormPolicy = field(default_factory=StormPolicy)
+    lease_ttl_s: float = 10.0
+    # Messages per pull; state is written (coalesced per alarm) and the consumed messages
+    # acked at most every `flush_every_s`, or sooner once `max_dirty` alarms changed.
+    batch_size: int = 500
+    flush_every_s: float = 0.2
+    max_dirty: int = 5000
+    # Consumed but unacked: redelivered after `ack_wait_s` if the leader dies meanwhile.
+    ack_wait_s: float = 30.0
+    max_ack_pending: int = 20_000
+    tick_s: float = 1.0  # flapping settles, summaries, pruning
+    retention_s: float = 7 * DAY_S  # a cleared alarm's record is forgotten this long after
+    # History queries read at most this many stored messages (they say when they stopped).
+    history_max_scan: int = 100_000
+    # An acknowledgement waits this long for the state to show it before answering.
+    ack_visible_timeout_s: float = 3.0
+    request_queue: str = "alarms"
+
+    def __post_init__(self) -> None:
+        if self.lease_ttl_s <= 0 or self.flush_every_s <= 0 or self.tick_s <= 0:
+            raise ValueError("lease_ttl_s, flush_every_s and tick_s must be positive")
+        if self.batch_size < 1 or self.max_dirty < 1 or self.max_ack_pending < self.batch_size:
+            raise ValueError("need batch_size >= 1, max_dirty >= 1, max_ack_pending >= batch")
+        if self.ack_wait_s <= self.flush_every_s * 5:
+            raise ValueError("ack_wait_s must comfortably exceed flush_every_s")
+
+    @property
+    def lease_renew_s(self) -> float:
+        return self.lease_ttl_s / 4

@@ -1,0 +1,74 @@
+"""Alarm changes coming in: decode a stored raise or clear (any version), and check that it
+comes from where it claims (the subject names the site; the alarm id must be its own).
+"""
+
+from __future__ import annotations
+
+from bus import subjects
+from schemas import REGISTRY, Event, EventRegistry
+from schemas.alarms import AlarmCleared, AlarmRaised, alarm_id
+from schemas.errors import UnexpectedEventType
+
+AlarmChange = Event[AlarmRaised] | Event[AlarmCleared]
+
+# Unescaped quotes cannot occur inside a JSON string value, so this byte pattern only
+# matches the envelope's own `type` attribute: a cheap hint of which decoder to try first.
+_CLEARED_HINT = b'"type":"edgebus.alarm.cleared"'
+
+
+class ChangeDecoder:
+    """Decode a raise or a clear; `EventDecodeError` (with its reason) for anything else."""
+
+    def __init__(self, registry: EventRegistry = REGISTRY) -> None:
+        self._raised = registry.decoder_for(AlarmRaised)
+        self._cleared = registry.decoder_for(AlarmCleared)
+
+    def __call__(self, raw: bytes) -> AlarmChange:
+        if _CLEARED_HINT in raw:
+            try:
+                return self._cleared(raw)
+            except UnexpectedEventType:
+                return self._raised(raw)
+        try:
+            return self._raised(raw)
+        except UnexpectedEventType:
+            return self._cleared(raw)
+
+
+def site_of(subject: str) -> str | None:
+    """The site a stored alarm change is about, from its subject (`up.<site>.alarm...` from
+    the site itself, `center.alarm.<site>` from a center service, `center.alarms.ack.<site>`)."""
+    if subject.startswith("up."):
+        parsed = subjects.parse_up(subject)
+        return parsed[0] if parsed is not None and parsed[1] == "alarm" else None
+    parts = subject.split(".")
+    if len(parts) == 3 and parts[:2] == ["center", "alarm"]:
+        return parts[2]
+    if len(parts) == 4 and parts[:2] == ["center", "alarms"]:
+        return parts[3]
+    return None
+
+
+def origin_problem(
+    subject_site: str | None, data: AlarmRaised | AlarmCleared
+) -> tuple[str, str] | None:
+    """(reason, detail) if the change must not be believed; None if it is consistent."""
+    if subject_site is None:
+        return "bad_subject", "not an alarm subject of a site"
+    if data.site != subject_site:
+        return "site_mismatch", f"alarm of site {data.site!r} sent as {subject_site!r}"
+    expected = alarm_id(data.site, data.entity, data.probable_cause)
+    if data.alarm_id != expected:
+        return "alarm_id_mismatch", f"alarm id {data.alarm_id!r} is not {expected!r}"
+    return None
+
+
+def stream_seq(reply: str) -> int:
+    """The stream sequence of a JetStream delivery, from its reply (ack) subject.
+
+    `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>...`, or the longer form with a domain
+    and account hash; cheaper than nats-py's `msg.metadata`.
+    """
+    tokens = reply.split(".")
+    offset = 5 if len(tokens) == 9 else 7
+    return int(tokens[offset])

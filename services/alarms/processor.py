@@ -1,0 +1,432 @@
+"""`AlarmProcessor`: what the leader does. Consume alarm changes (UP_ALARM, CENTER_ALARMS) and
+acknowledgements (ALARM_ACTIVITY) with durable consumers, apply them (`state`), tell operators
+(`storm`), then write the changed records to KV and ack what was consumed.
+
+Writes are coalesced per alarm and compare-and-set: a second writer is detected, never ignored.
+The consumed messages are acked (AckPolicy.ALL) only once the state they led to is stored, so
+a crash replays them; `source`/`seq` on each record make the replay a no-op where it was stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
+from nats.js.errors import APIError
+
+from bus import subjects
+from bus.client import MSG_ID_HEADER, Bus
+from bus.jspublish import PipelinedPublisher
+from bus.kvmirror import KvMirror
+from bus.log import get_logger
+from bus.pullfeed import PullFeed
+from bus.streams import ALARMS_KV, alarm_activity_stream, center_alarm_stream, uplink_stream
+from schemas.alarms import AlarmAcknowledged, AlarmRaised, AlarmRecord
+from schemas.envelope import utc_now
+from schemas.errors import EventDecodeError
+from services.alarms.config import AlarmsConfig
+from services.alarms.inputs import ChangeDecoder, origin_problem, site_of, stream_seq
+from services.alarms.state import (
+    alarm_key,
+    apply_ack,
+    apply_cleared,
+    apply_raised,
+    prunable,
+    settle_flapping,
+)
+from services.alarms.storm import Notice, StormGuard
+
+CONSUMER = "alarms"
+ACK_CONSUMER = "alarms-acks"
+COMPONENT = "alarms"
+KV_STREAM = f"KV_{ALARMS_KV.bucket}"
+KV_SUBJECT_PREFIX = f"$KV.{ALARMS_KV.bucket}."
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+KV_OPERATION = "KV-Operation"
+WRONG_LAST_SEQUENCE = 10071  # JetStream error code of a failed compare-and-set
+WRITE_TIMEOUT_S = 10.0
+PRUNE_EVERY_S = 60.0
+LOAD_TIMEOUT_S = 30.0
+LOAD_POLL_S = 0.02
+
+
+class WriteConflict(RuntimeError):
+    """Someone else changed alarm state under us: this replica must not keep writing."""
+
+
+@dataclass
+class _Feed:
+    stream: str
+    consumer: str
+    filters: tuple[str, ...]
+    acks: bool  # acknowledgements, not raises/clears
+    pull: PullFeed | None = None
+    to_ack: Msg | None = None  # the last message whose effect awaits the next flush
+
+
+def _feeds() -> list[_Feed]:
+    return [
+        _Feed(uplink_stream("alarm").name, CONSUMER, (), acks=False),
+        _Feed(center_alarm_stream().name, CONSUMER, (), acks=False),
+        _Feed(alarm_activity_stream().name, ACK_CONSUMER, ("center.alarms.ack.*",), acks=True),
+    ]
+
+
+class AlarmProcessor:
+    """The alarm table of the leader; `start`, `run(halt)` until halted, `stop`."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        mirror: KvMirror[AlarmRecord],
+        config: AlarmsConfig,
+        *,
+        may_write: Callable[[], bool] = lambda: True,
+        clock: Callable[[], datetime] = utc_now,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._bus = bus
+        self._mirror = mirror
+        self._config = config
+        self._may_write = may_write
+        self._clock = clock
+        self._monotonic = monotonic
+        self.table: dict[str, AlarmRecord] = {}
+        self._revisions: dict[str, int] = {}
+        self._dirty: dict[str, None] = {}
+        self._flapping: set[str] = set()
+        self._notices: list[Notice] = []
+        self._guard = StormGuard(config.storm)
+        self._decode_change = ChangeDecoder(bus.registry)
+        self._decode_ack = bus.registry.decoder_for(AlarmAcknowledged)
+        self._feeds = _feeds()
+        self._publisher = PipelinedPublisher(bus.nc)
+        self._flush_lock = asyncio.Lock()
+        self._last_flush = monotonic()
+        self._last_prune = monotonic()
+        self.stats: Counter[str] = Counter()
+        self._log = get_logger("alarms.processor", replica=config.replica_id)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Take the table over from KV (through the mirror, once it caught up), then consume."""
+        await self._load()
+        await self._publisher.start()
+        config = self._config
+        for feed in self._feeds:
+            consumer = ConsumerConfig(
+                durable_name=feed.consumer,
+                ack_policy=AckPolicy.ALL,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=config.ack_wait_s,
+                max_ack_pending=config.max_ack_pending,
+                max_deliver=-1,
+                filter_subjects=list(feed.filters) or None,
+            )
+            await self._bus.js.add_consumer(feed.stream, config=consumer)
+            feed.pull = PullFeed(self._bus.nc, feed.stream, feed.consumer, batch=config.batch_size)
+            await feed.pull.start()
+        self._log.info("alarm_processing_started", records=len(self.table))
+
+    async def _load(self) -> None:
+        info = await self._bus.js.stream_info(KV_STREAM)
+        target = int(info.state.last_seq)
+        for _ in range(int(LOAD_TIMEOUT_S / LOAD_POLL_S)):  # the watcher follows on its own
+            if self._mirror.applied >= target:
+                break
+            await asyncio.sleep(LOAD_POLL_S)
+        if self._mirror.applied < target:
+            self._log.warning("alarm_state_behind", applied=self._mirror.applied, target=target)
+        self.table = {}
+        self._revisions = {}
+        for key, record in list(self._mirror.items()):
+            self.table[record.alarm_id] = record
+            self._revisions[record.alarm_id] = self._mirror.revision(key)
+        self._flapping = {r.alarm_id for r in self.table.values() if r.flapping}
+
+    async def run(self, halt: asyncio.Event) -> None:
+        """Consume and tick until `halt`; a failure (a write conflict) ends it by raising."""
+        tasks = [asyncio.create_task(self._consume(feed, halt)) for feed in self._feeds]
+        tasks.append(asyncio.create_task(self._tick(halt)))
+        try:
+            halted = asyncio.create_task(halt.wait())
+            done, _ = await asyncio.wait([*tasks, halted], return_when=asyncio.FIRST_COMPLETED)
+            halted.cancel()
+            for task in done:
+                failure = None if task is halted else task.exception()
+                if failure is not None:
+                    raise failure
+        finally:
+            halt.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def stop_writing(self) -> None:
+        """Not the leader any more: no write from now on (the next flush fails instead)."""
+        self._may_write = lambda: False
+
+    async def stop(self, *, flush: bool) -> None:
+        """Stop consuming; with `flush`, store what was applied and ack it first."""
+        if flush:
+            try:
+                await self.flush()
+            except Exception as exc:  # unacked messages come back to the next leader
+                self._log.warning("final_flush_failed", error=repr(exc))
+        for feed in self._feeds:
+            if feed.pull is not None:
+                await feed.pull.stop()
+                feed.pull = None
+        await self._publisher.close()
+        self._log.info("alarm_processing_stopped", **dict(self.stats))
+
+    # -- consuming --------------------------------------------------------------------
+
+    async def _consume(self, feed: _Feed, halt: asyncio.Event) -> None:
+        config = self._config
+        assert feed.pull is not None
+        while not halt.is_set():
+            msgs = await feed.pull.next_batch(config.batch_size, config.flush_every_s)
+            if msgs:
+                now, now_s = self._clock(), self._monotonic()
+                for msg in msgs:
+                    problem = self._apply(feed, msg, now, now_s)
+                    if problem is not None:
+                        await self._dead_letter(msg, *problem)
+                feed.to_ack = msgs[-1]
+            if self._flush_due():
+                await self.flush()
+
+    def _apply(self, feed: _Feed, msg: Msg, now: datetime, now_s: float) -> tuple[str, str] | None:
+        """Apply one stored message to the table; (reason, detail) if it must be dead-lettered."""
+        self.stats["consumed"] += 1
+        try:
+            if feed.acks:
+                return self._apply_ack(msg, now, now_s)
+            change = self._decode_change(msg.data)
+        except EventDecodeError as exc:
+            return exc.reason, exc.message
+        data = change.data
+        problem = origin_problem(site_of(msg.subject), data)
+        if problem is not None:
+            return problem
+        seq = stream_seq(msg.reply)
+        before = self.table.get(data.alarm_id)
+        policy = self._config.flap
+        if isinstance(data, AlarmRaised):
+            after = apply_raised(before, data, source=feed.stream, seq=seq, now=now, policy=policy)
+        else:
+            after = apply_cleared(before, data, source=feed.stream, seq=seq, now=now, policy=policy)
+        if after is None:
+            self.stats["unchanged"] += 1
+            return None
+        self.stats["applied"] += 1
+        self._put(after)
+        self._notices += self._guard.on_change(before, after, now_s, after.last_transition_at)
+        return None
+
+    def _apply_ack(self, msg: Msg, now: datetime, now_s: float) -> tuple[str, str] | None:
+        ack = self._decode_ack(msg.data).data
+        if site_of(msg.subject) != ack.site:
+            return "site_mismatch", f"acknowledgement of {ack.site!r} on {msg.subject!r}"
+        after = apply_ack(self.table.get(ack.alarm_id), ack, now=now)
+        if after is None:
+            self.stats["acks_ignored"] += 1
+            return None
+        self.stats["acks"] += 1
+        self._put(after)
+        self._notices += self._guard.on_acknowledged(after, now_s, ack.at)
+        return None
+
+    def _put(self, record: AlarmRecord) -> None:
+        self.table[record.alarm_id] = record
+        self._dirty[record.alarm_id] = None
+        if record.flapping:
+            self._flapping.add(record.alarm_id)
+
+    async def _dead_letter(self, msg: Msg, reason: str, detail: str) -> None:
+        self.stats["dead_lettered"] += 1
+        await self._bus.dead_letters.record(
+            component=COMPONENT,
+            subject=msg.subject,
+            data=msg.data,
+            reason=reason,
+            detail=detail,
+            headers=dict(msg.headers or {}),
+        )
+
+    # -- time -------------------------------------------------------------------------
+
+    async def _tick(self, halt: asyncio.Event) -> None:
+        while not halt.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(halt.wait(), self._config.tick_s)
+            if halt.is_set():
+                return
+            self.on_tick(self._clock(), self._monotonic())
+            if self._flush_due():
+                await self.flush()
+
+    def on_tick(self, now: datetime, now_s: float) -> None:
+        """Flapping alarms that settled, summaries that are due, records past retention."""
+        policy = self._config.flap
+        for alarm_id in list(self._flapping):
+            record = self.table.get(alarm_id)
+            if record is None or not record.flapping:
+                self._flapping.discard(alarm_id)
+                continue
+            settled = settle_flapping(record, now, policy)
+            if settled is not None:
+                self._flapping.discard(alarm_id)
+                self._put(settled)
+                self._notices += self._guard.on_settled(record, settled, now)
+        flapping = [self.table[a] for a in self._flapping if a in self.table]
+        self._notices += self._guard.tick(flapping, now_s, now)
+        if now_s - self._last_prune >= PRUNE_EVERY_S:
+            self._last_prune = now_s
+            for alarm_id, record in list(self.table.items()):
+                if prunable(record, now, self._config.retention_s):
+                    del self.table[alarm_id]
+                    self._dirty[alarm_id] = None
+                    self.stats["pruned"] += 1
+
+    # -- storing ----------------------------------------------------------------------
+
+    @property
+    def settled(self) -> bool:
+        """Everything consumed so far is stored and acked (nothing dirty, no flush running)."""
+        pending = self._dirty or self._notices or any(f.to_ack for f in self._feeds)
+        return not pending and not self._flush_lock.locked()
+
+    def _flush_due(self) -> bool:
+        pending = bool(self._dirty or self._notices or any(f.to_ack for f in self._feeds))
+        if not pending:
+            return False
+        return (
+            len(self._dirty) >= self._config.max_dirty
+            or self._monotonic() - self._last_flush >= self._config.flush_every_s
+        )
+
+    async def flush(self) -> None:
+        """Store summaries and changed records, then ack what led to them, then tell."""
+        async with self._flush_lock:
+            self._last_flush = self._monotonic()
+            if not self._may_write():
+                raise WriteConflict("the lease lapsed: not the leader any more")
+            dirty, self._dirty = self._dirty, {}
+            notices, self._notices = self._notices, []
+            to_ack = [(feed, feed.to_ack) for feed in self._feeds if feed.to_ack is not None]
+            for feed in self._feeds:
+                feed.to_ack = None
+            stored = False
+            try:
+                await self._store_notices([n for n in notices if n.store])
+                stored = True
+                failed = await self._write(dirty)
+            except Exception as exc:
+                self._dirty.update(dirty)
+                # Summaries already stored must not be stored twice (new event ids).
+                self._notices[:0] = (
+                    [Notice(n.notice, store=False, live=n.live) for n in notices]
+                    if stored
+                    else notices
+                )
+                self._restore_acks(to_ack)
+                if isinstance(exc, WriteConflict):
+                    raise
+                self.stats["flush_failures"] += 1
+                self._log.warning("flush_failed", error=repr(exc), records=len(dirty))
+                return
+            if failed:
+                # Not stored: keep them dirty and keep their messages unacked.
+                self._dirty.update(dict.fromkeys(failed))
+                self._restore_acks(to_ack)
+                self.stats["flush_failures"] += 1
+                return
+            for _, msg in to_ack:
+                with contextlib.suppress(Exception):  # lost ack: redelivered, then a no-op
+                    await msg.ack()
+            self.stats["flushes"] += 1
+            await self._tell([n for n in notices if n.live])
+
+    def _restore_acks(self, to_ack: list[tuple[_Feed, Msg]]) -> None:
+        for feed, msg in to_ack:
+            if feed.to_ack is None:
+                feed.to_ack = msg
+
+    async def _write(self, dirty: dict[str, None]) -> list[str]:
+        """Compare-and-set every changed record (or delete a pruned one); the ids not written."""
+        if not dirty:
+            return []
+        pending: list[tuple[str, str, AlarmRecord | None, asyncio.Future[PubAck]]] = []
+        for alarm_id in dirty:
+            record = self.table.get(alarm_id)
+            key = alarm_key(alarm_id)
+            revision = self._revisions.get(alarm_id)
+            if revision is None:  # never written by us: maybe a delete marker, maybe nothing
+                revision = self._mirror.revision(key)
+            headers = {EXPECTED_LAST_SUBJECT_SEQ: str(revision)}
+            if record is None:
+                if not revision:
+                    continue
+                headers[KV_OPERATION] = "DEL"
+                payload = b""
+            else:
+                payload = record.__pydantic_serializer__.to_json(record)
+            future = await self._publisher.publish(KV_SUBJECT_PREFIX + key, payload, headers)
+            pending.append((alarm_id, key, record, future))
+        results = await self._publisher.wait([p[3] for p in pending], WRITE_TIMEOUT_S)
+        failed: list[str] = []
+        conflicts = 0
+        for (alarm_id, key, record, _), result in zip(pending, results, strict=True):
+            if isinstance(result, PubAck):
+                self._revisions[alarm_id] = result.seq
+                self._mirror.remember(key, record, result.seq)
+                self.stats["kv_writes"] += 1
+            elif isinstance(result, APIError) and result.err_code == WRONG_LAST_SEQUENCE:
+                conflicts += 1
+            else:
+                failed.append(alarm_id)
+                self._log.warning("alarm_write_failed", alarm_id=alarm_id, error=repr(result))
+        if conflicts:
+            raise WriteConflict(f"{conflicts} alarm records changed by another writer")
+        return failed
+
+    async def _store_notices(self, notices: list[Notice]) -> None:
+        """Summaries are alarm history: stored (JetStream, idempotent by event id) or retried."""
+        if not notices:
+            return
+        futures = []
+        for item in notices:
+            event = self._bus.event(item.notice, subject=item.notice.alarm_id)
+            futures.append(
+                await self._publisher.publish(
+                    subjects.alarm_activity(item.notice.site),
+                    self._bus.registry.encode(event),
+                    {MSG_ID_HEADER: event.id},
+                )
+            )
+        results = await self._publisher.wait(futures, WRITE_TIMEOUT_S)
+        errors = [r for r in results if not isinstance(r, PubAck)]
+        if errors:
+            raise RuntimeError(f"{len(errors)} alarm summaries not stored: {errors[0]!r}")
+        self.stats["summaries_stored"] += len(notices)
+
+    async def _tell(self, notices: list[Notice]) -> None:
+        for item in notices:
+            with contextlib.suppress(Exception):  # live notices are best effort
+                await self._bus.emit(
+                    subjects.alarm_notice(item.notice.site),
+                    item.notice,
+                    event_subject=item.notice.alarm_id,
+                )
+        self.stats["notices"] += len(notices)
+        self.stats["notices_held_back"] = self._guard.held_back

@@ -1,0 +1,177 @@
+"""What operators are told about alarm changes: one notice per change while calm; in a storm,
+per-site rate limits and periodic summaries instead. A small state machine over plain data.
+
+Nothing here drops history: it only decides notices (and which summaries are stored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from schemas.alarms import AlarmNotice, AlarmRecord, AlarmState, NoticeKind
+
+
+@dataclass(frozen=True)
+class StormPolicy:
+    """Each site may send operators `site_rate_per_s` notices a second (bursts of
+    `site_burst`); what is held back, and flapping alarms, are summarised every
+    `summary_every_s`."""
+
+    site_rate_per_s: float = 5.0
+    site_burst: int = 50
+    summary_every_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.site_rate_per_s <= 0 or self.site_burst < 1 or self.summary_every_s <= 0:
+            raise ValueError("need site_rate_per_s > 0, site_burst >= 1, summary_every_s > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A notice, whether it belongs in the stored alarm history, and whether it goes out live."""
+
+    notice: AlarmNotice
+    store: bool
+    live: bool = True
+
+
+@dataclass(slots=True)
+class _Site:
+    tokens: float
+    refilled_at: float
+    held_back: int = 0
+    summarized_at: float = 0.0
+
+
+@dataclass(slots=True)
+class _Flap:
+    summarized_at: float
+    reported: int = 0  # of the record's `suppressed` changes, how many a summary covered
+
+
+class StormGuard:
+    """Per-site token buckets and per-alarm flap summaries; `now_s` is a monotonic clock."""
+
+    def __init__(self, policy: StormPolicy | None = None) -> None:
+        self.policy = policy or StormPolicy()
+        self._sites: dict[str, _Site] = {}
+        self._flaps: dict[str, _Flap] = {}
+        self.held_back = 0  # notices replaced by summaries, since start
+
+    def _allow(self, site: str, now_s: float) -> bool:
+        policy = self.policy
+        state = self._sites.get(site)
+        if state is None:
+            state = _Site(tokens=float(policy.site_burst), refilled_at=now_s, summarized_at=now_s)
+            self._sites[site] = state
+        elapsed = max(0.0, now_s - state.refilled_at)
+        state.tokens = min(
+            float(policy.site_burst), state.tokens + elapsed * policy.site_rate_per_s
+        )
+        state.refilled_at = now_s
+        if state.tokens >= 1.0:
+            state.tokens -= 1.0
+            return True
+        state.held_back += 1
+        self.held_back += 1
+        return False
+
+    def on_change(
+        self, before: AlarmRecord | None, after: AlarmRecord, now_s: float, at: datetime
+    ) -> list[Notice]:
+        """Notices for one applied raise or clear."""
+        if after.flapping and (before is None or not before.flapping):
+            self._flaps[after.alarm_id] = _Flap(summarized_at=now_s)
+            notice = _notice(
+                after,
+                NoticeKind.FLAPPING_STARTED,
+                at,
+                f"flapping: {after.flap_window_count} changes since "
+                f"{after.flap_window_start.isoformat() if after.flap_window_start else '?'}; "
+                "changes are summarised until it settles",
+                transitions=after.flap_window_count,
+            )
+            # Always stored (history); told live only within the site's budget.
+            return [Notice(notice, store=True, live=self._allow(after.site, now_s))]
+        if after.flapping:
+            return []  # counted in the record's `suppressed`; summarised by `tick`
+        if not self._allow(after.site, now_s):
+            return []
+        kind = NoticeKind.RAISED if after.state is AlarmState.ACTIVE else NoticeKind.CLEARED
+        text = after.text if after.state is AlarmState.ACTIVE else after.clear_text
+        return [Notice(_notice(after, kind, at, text, transitions=1), store=False)]
+
+    def on_acknowledged(self, after: AlarmRecord, now_s: float, at: datetime) -> list[Notice]:
+        if not self._allow(after.site, now_s):
+            return []
+        text = f"acknowledged by {after.acknowledged_by}" + (
+            f": {after.ack_note}" if after.ack_note else ""
+        )
+        return [Notice(_notice(after, NoticeKind.ACKNOWLEDGED, at, text), store=False)]
+
+    def on_settled(self, before: AlarmRecord, after: AlarmRecord, at: datetime) -> list[Notice]:
+        """A flapping alarm settled: say how it ended (always stored and told)."""
+        self._flaps.pop(after.alarm_id, None)
+        text = (
+            f"stopped flapping after {before.suppressed} changes not shown one by one; "
+            f"now {after.state.value}"
+        )
+        notice = _notice(
+            after, NoticeKind.FLAPPING_ENDED, at, text, transitions=0, suppressed=before.suppressed
+        )
+        return [Notice(notice, store=True)]
+
+    def tick(self, flapping: Iterable[AlarmRecord], now_s: float, at: datetime) -> list[Notice]:
+        """Summaries that are due: per flapping alarm, and per site of held-back notices."""
+        out: list[Notice] = []
+        every = self.policy.summary_every_s
+        for record in flapping:
+            flap = self._flaps.setdefault(record.alarm_id, _Flap(summarized_at=now_s))
+            news = record.suppressed - flap.reported
+            if news > 0 and now_s - flap.summarized_at >= every:
+                flap.summarized_at, flap.reported = now_s, record.suppressed
+                text = (
+                    f"still flapping: {news} more changes, {record.suppressed} since it started; "
+                    f"now {record.state.value}"
+                )
+                notice = _notice(
+                    record, NoticeKind.FLAP_SUMMARY, at, text, transitions=news, suppressed=news
+                )
+                out.append(Notice(notice, store=True))
+        for site, state in self._sites.items():
+            if state.held_back and now_s - state.summarized_at >= every:
+                held, state.held_back, state.summarized_at = state.held_back, 0, now_s
+                notice = AlarmNotice(
+                    kind=NoticeKind.SITE_STORM,
+                    site=site,
+                    text=f"{held} alarm notices held back (rate limit); see the alarm history",
+                    transitions=held,
+                    suppressed=held,
+                    at=at,
+                )
+                out.append(Notice(notice, store=True))
+        return out
+
+
+def _notice(
+    record: AlarmRecord,
+    kind: NoticeKind,
+    at: datetime,
+    text: str,
+    *,
+    transitions: int = 1,
+    suppressed: int = 0,
+) -> AlarmNotice:
+    return AlarmNotice(
+        kind=kind,
+        site=record.site,
+        alarm_id=record.alarm_id,
+        severity=record.severity,
+        state=record.state,
+        text=text[:2000],
+        transitions=transitions,
+        suppressed=suppressed,
+        at=at,
+    )

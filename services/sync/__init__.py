@@ -1,0 +1,1 @@
+"""Config sync, center half: layered desired config in KV, pushed per site, status per site."""

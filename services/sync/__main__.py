@@ -1,0 +1,75 @@
+"""`python -m services.sync --nats URL [--credentials F]`: run one sync-service replica.
+
+Stops cleanly (lease handed over) on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bus.log import configure_logging, get_logger
+from services.sync.config import SyncConfig
+from services.sync.status import PushPolicy
+
+
+def parser() -> argparse.ArgumentParser:
+    defaults = SyncConfig()
+    p = argparse.ArgumentParser(prog="python -m services.sync", description=__doc__)
+    p.add_argument("--nats", required=True, help="center NATS URL(s), comma-separated")
+    p.add_argument("--credentials", type=Path, help="NATS creds file of this service")
+    p.add_argument("--audit-interval-s", type=float, default=defaults.audit_interval_s)
+    p.add_argument("--lease-ttl-s", type=float, default=defaults.lease_ttl_s)
+    p.add_argument("--resend-after-s", type=float, default=defaults.policy.resend_after_s)
+    p.add_argument("--replica-id", default=None)
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SyncConfig:
+    extra = {"replica_id": args.replica_id} if args.replica_id else {}
+    return SyncConfig(
+        audit_interval_s=args.audit_interval_s,
+        lease_ttl_s=args.lease_ttl_s,
+        policy=PushPolicy(resend_after_s=args.resend_after_s),
+        **extra,
+    )
+
+
+async def serve(args: argparse.Namespace, config: SyncConfig) -> None:
+    from bus.client import Bus
+    from bus.config import NatsConfig
+    from services.sync.service import SyncService
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    nats_config = NatsConfig.from_url(
+        args.nats, name=f"edgebus-sync-{config.replica_id}", credentials=args.credentials
+    )
+    bus = await Bus.connect(nats_config, scope="center", source="/center/sync")
+    try:
+        await SyncService(bus, config).run(stop)
+    finally:
+        await bus.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        get_logger("sync").error("bad_arguments", error=str(exc))
+        return 2
+    asyncio.run(serve(args, config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""The alarms service's pure logic: applying raises, clears and acknowledgements to records,
+flap detection, storm notices, site summaries and health. No server.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from schemas import REGISTRY, new_event
+from schemas.alarms import (
+    AlarmAcknowledged,
+    AlarmCleared,
+    AlarmRaised,
+    AlarmRecord,
+    AlarmState,
+    NoticeKind,
+    Severity,
+    SiteHealth,
+    alarm_id,
+)
+from services.alarms.inputs import ChangeDecoder, origin_problem, site_of, stream_seq
+from services.alarms.state import (
+    FlapPolicy,
+    alarm_key,
+    apply_ack,
+    apply_cleared,
+    apply_raised,
+    prunable,
+    select,
+    settle_flapping,
+    summarize,
+    totals,
+    worst_first,
+)
+from services.alarms.storm import StormGuard, StormPolicy
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+POLICY = FlapPolicy(window_s=60, threshold=4, quiet_s=120)
+UP = "UP_ALARM"
+
+
+def raised(
+    at: datetime,
+    site: str = "s1",
+    entity: str = "pump",
+    cause: str = "hot",
+    severity: Severity = Severity.MAJOR,
+    text: str = "hot",
+) -> AlarmRaised:
+    return AlarmRaised(
+        alarm_id=alarm_id(site, entity, cause),
+        site=site,
+        entity=entity,
+        severity=severity,
+        probable_cause=cause,
+        text=text,
+        raised_at=at,
+    )
+
+
+def cleared(
+    at: datetime, site: str = "s1", entity: str = "pump", cause: str = "hot"
+) -> AlarmCleared:
+    return AlarmCleared(
+        alarm_id=alarm_id(site, entity, cause),
+        site=site,
+        entity=entity,
+        probable_cause=cause,
+        text="ok",
+        cleared_at=at,
+    )
+
+
+def flap(record: AlarmRecord | None, changes: list[AlarmRaised | AlarmCleared], first_seq: int = 1):
+    seq = first_seq
+    for change in changes:
+        apply = apply_raised if isinstance(change, AlarmRaised) else apply_cleared
+        after = apply(record, change, source=UP, seq=seq, now=T0, policy=POLICY)  # type: ignore[arg-type]
+        record = after or record
+        seq += 1
+    return record
+
+
+# -- raise / clear ------------------------------------------------------------------------------
+
+
+def test_raise_then_raise_again_is_idempotent_and_keeps_the_first_time() -> None:
+    first = apply_raised(None, raised(T0), source=UP, seq=1, now=T0, policy=POLICY)
+    assert first is not None and first.state is AlarmState.ACTIVE and first.raised_at == T0
+    again = raised(T0 + timedelta(seconds=5), text="still hot")
+    assert apply_raised(first, again, source=UP, seq=2, now=T0, policy=POLICY) is None
+
+
+def test_clear_needs_the_matching_active_alarm() -> None:
+    assert apply_cleared(None, cleared(T0), source=UP, seq=1, now=T0, policy=POLICY) is None
+    record = apply_raised(None, raised(T0), source=UP, seq=1, now=T0, policy=POLICY)
+    done = apply_cleared(
+        record, cleared(T0 + timedelta(seconds=9)), source=UP, seq=2, now=T0, policy=POLICY
+    )
+    assert done is not None and done.state is AlarmState.CLEARED
+    assert done.cleared_at == T0 + timedelta(seconds=9) and done.raised_at == T0
+    assert apply_cleared(done, cleared(T0), source=UP, seq=3, now=T0, policy=POLICY) is None
+
+
+def test_a_redelivered_change_is_recognised_by_its_stream_sequence() -> None:
+    record = apply_raised(None, raised(T0), source=UP, seq=10, now=T0, policy=POLICY)
+    done = apply_cleared(record, cleared(T0), source=UP, seq=11, now=T0, policy=POLICY)
+    # The raise at seq 10 comes back after a crash (its ack was lost): not raised again.
+    assert apply_raised(done, raised(T0), source=UP, seq=10, now=T0, policy=POLICY) is None
+    # A later raise is new.
+    again = apply_raised(
+        done, raised(T0 + timedelta(minutes=1)), source=UP, seq=12, now=T0, policy=POLICY
+    )
+    assert again is not None and again.occurrences == 2 and again.transitions == 3
+
+
+def test_a_new_occurrence_forgets_the_previous_acknowledgement() -> None:
+    record = apply_raised(None, raised(T0), source=UP, seq=1, now=T0, policy=POLICY)
+    assert record is not None
+    ack = AlarmAcknowledged(alarm_id=record.alarm_id, site="s1", raised_at=T0, by="ann", at=T0)
+    acked = apply_ack(record, ack, now=T0)
+    assert acked is not None and acked.acknowledged and acked.acknowledged_by == "ann"
+    assert apply_ack(acked, ack.model_copy(update={"by": "bob"}), now=T0) is None  # first stays
+    done = apply_cleared(
+        acked, cleared(T0 + timedelta(minutes=5)), source=UP, seq=2, now=T0, policy=POLICY
+    )
+    assert done is not None and done.acknowledged  # the cleared occurrence stays acknowledged
+    later = T0 + timedelta(minutes=10)
+    again = apply_raised(done, raised(later), source=UP, seq=3, now=T0, policy=POLICY)
+    assert again is not None and not again.acknowledged
+    assert apply_ack(again, ack, now=T0) is None  # acknowledges the old occurrence: ignored
+
+
+# -- flapping -----------------------------------------------------------------------------------
+
+
+def test_flapping_starts_at_the_threshold_within_the_window_and_settles_when_quiet() -> None:
+    changes: list[AlarmRaised | AlarmCleared] = []
+    for i in range(10):
+        at = T0 + timedelta(seconds=2 * i)
+        changes.append(raised(at) if i % 2 == 0 else cleared(at))
+    record = flap(None, changes[:3])
+    assert record is not None and not record.flapping
+    record = flap(record, changes[3:4], first_seq=4)
+    assert record.flapping and record.flapping_since == T0 + timedelta(seconds=6)
+    record = flap(record, changes[4:], first_seq=5)
+    assert record.flapping and record.suppressed == 6 and record.transitions == 10
+    assert record.state is AlarmState.CLEARED and record.open  # flapping keeps it in view
+
+    last = record.last_transition_at
+    assert settle_flapping(record, last + timedelta(seconds=119), POLICY) is None
+    settled = settle_flapping(record, last + timedelta(seconds=120), POLICY)
+    assert settled is not None and not settled.flapping and not settled.open
+
+
+def test_slow_changes_spread_over_windows_never_flap() -> None:
+    changes: list[AlarmRaised | AlarmCleared] = []
+    for i in range(20):
+        at = T0 + timedelta(seconds=20 * i)  # 3 changes per 60 s window, threshold 4
+        changes.append(raised(at) if i % 2 == 0 else cleared(at))
+    record = flap(None, changes)
+    assert record is not None and not record.flapping and record.transitions == 20
+
+
+def test_storm_guard_rate_limits_per_site_and_summarises() -> None:
+    guard = StormGuard(StormPolicy(site_rate_per_s=1, site_burst=3, summary_every_s=10))
+    record = apply_raised(None, raised(T0), source=UP, seq=1, now=T0, policy=POLICY)
+    assert record is not None
+    told = [len(guard.on_change(None, record, now_s=0.0, at=T0)) for _ in range(5)]
+    assert told == [1, 1, 1, 0, 0]  # burst of 3, then held back
+    other = record.model_copy(update={"site": "s2"})
+    assert len(guard.on_change(None, other, now_s=0.0, at=T0)) == 1  # budgets are per site
+    assert len(guard.on_change(None, record, now_s=1.5, at=T0)) == 1  # refilled 1/s
+    assert guard.tick([], now_s=5.0, at=T0) == []  # summary not due yet
+    summaries = guard.tick([], now_s=10.0, at=T0)
+    assert [(n.notice.kind, n.notice.site, n.notice.suppressed, n.store) for n in summaries] == [
+        (NoticeKind.SITE_STORM, "s1", 2, True)
+    ]
+
+
+def test_storm_guard_tells_flapping_once_then_summaries_then_the_end() -> None:
+    guard = StormGuard(StormPolicy(site_rate_per_s=100, site_burst=100, summary_every_s=10))
+    changes: list[AlarmRaised | AlarmCleared] = []
+    for i in range(4):
+        at = T0 + timedelta(seconds=i)
+        changes.append(raised(at) if i % 2 == 0 else cleared(at))
+    before = flap(None, changes[:3])
+    after = flap(before, changes[3:], first_seq=4)
+    started = guard.on_change(before, after, now_s=0.0, at=T0)
+    assert [(n.notice.kind, n.store, n.live) for n in started] == [
+        (NoticeKind.FLAPPING_STARTED, True, True)
+    ]
+    more = flap(after, [raised(T0 + timedelta(seconds=5)), cleared(T0 + timedelta(seconds=6))], 5)
+    assert guard.on_change(after, more, now_s=1.0, at=T0) == []  # flapping: summarised later
+    summary = guard.tick([more], now_s=10.0, at=T0)
+    assert [(n.notice.kind, n.notice.suppressed) for n in summary] == [(NoticeKind.FLAP_SUMMARY, 2)]
+    assert guard.tick([more], now_s=30.0, at=T0) == []  # nothing new since
+    settled = settle_flapping(more, T0 + timedelta(hours=1), POLICY)
+    assert settled is not None
+    ended = guard.on_settled(more, settled, T0 + timedelta(hours=1))
+    assert [(n.notice.kind, n.notice.suppressed, n.store) for n in ended] == [
+        (NoticeKind.FLAPPING_ENDED, 2, True)
+    ]
+
+
+# -- reads ----------------------------------------------------------------------------------------
+
+
+def record_of(
+    site: str, entity: str, severity: Severity, *, active: bool = True, acked: bool = False
+) -> AlarmRecord:
+    record = apply_raised(
+        None,
+        raised(T0, site=site, entity=entity, severity=severity),
+        source=UP,
+        seq=1,
+        now=T0,
+        policy=POLICY,
+    )
+    assert record is not None
+    if acked:
+        ack = AlarmAcknowledged(alarm_id=record.alarm_id, site=site, raised_at=T0, by="x", at=T0)
+        record = apply_ack(record, ack, now=T0) or record
+    if not active:
+        gone = cleared(T0, site=site, entity=entity)
+        record = apply_cleared(record, gone, source=UP, seq=2, now=T0, policy=POLICY) or record
+    return record
+
+
+def test_summary_counts_open_alarms_and_rolls_up_health() -> None:
+    records = [
+        record_of("s1", "a", Severity.CRITICAL),
+        record_of("s1", "b", Severity.WARNING, acked=True),
+        record_of("s2", "a", Severity.MINOR),
+        record_of("s2", "b", Severity.CRITICAL, active=False),  # cleared: not counted
+        record_of("s3", "a", Severity.WARNING),  # warnings only: still ok
+    ]
+    per_site = summarize(records)
+    assert per_site["s1"].health is SiteHealth.CRITICAL
+    assert (per_site["s1"].critical, per_site["s1"].warning, per_site["s1"].unacknowledged) == (
+        1,
+        1,
+        1,
+    )
+    assert per_site["s2"].health is SiteHealth.DEGRADED and per_site["s2"].critical == 0
+    assert per_site["s3"].health is SiteHealth.OK
+    assert [s.site for s in worst_first(per_site.values())] == ["s1", "s2", "s3"]
+    assert totals(per_site.values()) == {"critical": 1, "major": 0, "minor": 1, "warning": 2}
+
+
+def test_select_filters_and_orders_worst_first() -> None:
+    records = [
+        record_of("s1", "a", Severity.WARNING),
+        record_of("s1", "b", Severity.CRITICAL),
+        record_of("s2", "a", Severity.MAJOR),
+        record_of("s2", "b", Severity.MAJOR, active=False),
+    ]
+    found, total = select(records, site=None, severity=None, include_cleared=False, limit=2)
+    assert total == 3 and [r.alarm_id for r in found] == ["s1/b/hot", "s2/a/hot"]
+    found, total = select(records, site="s2", severity=None, include_cleared=True, limit=10)
+    assert [r.state for r in found] == [AlarmState.ACTIVE, AlarmState.CLEARED]
+    found, _ = select(records, site=None, severity=Severity.WARNING, include_cleared=False, limit=9)
+    assert [r.alarm_id for r in found] == ["s1/a/hot"]
+
+
+def test_prunable_only_long_cleared_settled_alarms() -> None:
+    gone = record_of("s1", "a", Severity.MAJOR, active=False)
+    assert not prunable(gone, T0 + timedelta(hours=1), retention_s=86400)
+    assert prunable(gone, T0 + timedelta(days=2), retention_s=86400)
+    assert not prunable(record_of("s1", "b", Severity.MAJOR), T0 + timedelta(days=9), 86400)
+
+
+# -- what comes in --------------------------------------------------------------------------------
+
+
+def test_alarm_keys_are_valid_kv_keys_and_distinct() -> None:
+    ids = ["s1/pump/hot", "s1/pump.1/hot", "s1/pump_1/hot", "s1/dev:7/x/y", "s-2/a/b"]
+    keys = [alarm_key(i) for i in ids]
+    assert len(set(keys)) == len(ids)
+    assert keys[0] == "s1.s1=2Fpump=2Fhot"
+    assert all(
+        k.replace("=", "").replace(".", "").replace("-", "").replace("_", "").isalnum()
+        for k in keys
+    )
+
+
+def test_origin_checks_and_subjects() -> None:
+    assert site_of("up.s1.alarm.pump") == "s1"
+    assert site_of("up.s1.reading.pump") is None
+    assert site_of("center.alarm.s7") == "s7"
+    assert site_of("center.alarms.ack.s7") == "s7"
+    good = raised(T0)
+    assert origin_problem("s1", good) is None
+    assert origin_problem("s2", good)[0] == "site_mismatch"  # type: ignore[index]
+    forged = good.model_copy(update={"alarm_id": "s1/other/hot"})
+    assert origin_problem("s1", forged)[0] == "alarm_id_mismatch"  # type: ignore[index]
+    assert origin_problem(None, good)[0] == "bad_subject"  # type: ignore[index]
+    assert stream_seq("$JS.ACK.UP_ALARM.alarms.1.42.7.1795334654057014800.2") == 42
+    assert stream_seq("$JS.ACK.hub.ACCHASH.UP_ALARM.alarms.1.43.7.17953346540.2.tok") == 43
+
+
+def test_change_decoder_reads_both_kinds() -> None:
+    decode = ChangeDecoder()
+    up = REGISTRY.encode(new_event(raised(T0), source="/sites/s1"))
+    down = REGISTRY.encode(new_event(cleared(T0), source="/sites/s1"))
+    tricky = REGISTRY.encode(
+        new_event(raised(T0, text='"type":"edgebus.alarm.cleared"'), source="/sites/s1")
+    )
+    assert isinstance(decode(up).data, AlarmRaised)
+    assert isinstance(decode(down).data, AlarmCleared)
+    assert isinstance(decode(tricky).data, AlarmRaised)
+
+
+def test_flap_policy_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        FlapPolicy(threshold=1)

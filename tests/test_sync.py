@@ -1,0 +1,400 @@
+"""Config sync end to end: a real hub, the real controller and sync service, real site servers
+and agents onboarded zero-touch; links cut, agents restarted with no center."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bus import subjects
+from bus.client import Bus, RemoteError
+from edge_agent.config import AgentConfig
+from edge_agent.onboarding import onboard
+from edge_agent.runtime import EdgeAgent
+from edge_agent.supervisor import agent_data_dir
+from edge_agent.sync.agent import ALARM_ENTITY, apply_failed_cause
+from edge_agent.sync.store import AppliedStore, store_dir
+from edgebus.config_cli import config_history, get_config, set_config, sync_status
+from edgebus.site import seed_config
+from schemas.alarms import alarm_id
+from schemas.bootstrap import BootstrapToken
+from schemas.controller import SitesAdd, SitesAdded
+from schemas.sync import (
+    ConfigGet,
+    ConfigHistoryQuery,
+    ConfigSet,
+    ConfigSetResult,
+    Scope,
+    SyncState,
+    SyncStatus,
+    SyncStatusQuery,
+    Target,
+)
+from services.sync.config import SyncConfig
+from services.sync.service import SyncService
+from services.sync.status import PushPolicy
+from tests.siterig import wait_until
+from tests.test_onboarding_edge import FAST_RETRY, HEARTBEAT_S, Center, running_center
+
+pytestmark = pytest.mark.timeout(120)
+
+ALL = Target(scope=Scope.ALL)
+REPORT_S = 0.5
+SYNC = SyncConfig(
+    replica_id="sync-test",
+    audit_interval_s=1.0,
+    lease_ttl_s=2.0,
+    policy=PushPolicy(resend_after_s=2.0, report_repush_after_s=0.5),
+)
+
+
+@dataclass
+class Fleet:
+    """Onboarded sites, each with its own nats-server (a leaf of the hub) and agent."""
+
+    center: Center
+    sync: SyncService
+    base: Path
+    agents: dict[str, EdgeAgent] = field(default_factory=dict)
+    _runs: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = field(default_factory=dict)
+
+    @property
+    def operator(self) -> Bus:
+        return self.center.operator
+
+    def site_dir(self, site: str) -> Path:
+        return self.base / "sites" / site
+
+    async def add(self, site: str, group: str = "default", **labels: str) -> EdgeAgent:
+        added = await self.operator.request(
+            subjects.control("controller", "sites", "add"),
+            SitesAdd(sites=[site], group=group, labels=labels),
+            SitesAdded,
+        )
+        token = BootstrapToken.decode(added.data.tokens[site])
+        identity = await onboard(token, self.site_dir(site), retry=FAST_RETRY)
+        seed_config(identity, self.site_dir(site))
+        await asyncio.to_thread(self.center.topology.add_site, site, mqtt=False)
+        return await self.start_agent(site)
+
+    async def start_agent(self, site: str) -> EdgeAgent:
+        server = self.center.topology.site(site)
+        config = AgentConfig(
+            site=site,
+            nats_url=server.url,
+            data_dir=agent_data_dir(self.site_dir(site)),
+            heartbeat_interval_s=HEARTBEAT_S,
+            sync_report_interval_s=REPORT_S,
+        )
+        agent = EdgeAgent(config)
+        stop = asyncio.Event()
+        self._runs[site] = (stop, asyncio.create_task(agent.run(stop)))
+        await asyncio.wait_for(agent.ready.wait(), 30)
+        self.agents[site] = agent
+        return agent
+
+    async def stop_agent(self, site: str) -> None:
+        stop, task = self._runs.pop(site)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+    async def stop_all(self) -> None:
+        for site in list(self._runs):
+            with contextlib.suppress(Exception):
+                await self.stop_agent(site)
+
+    async def set(self, kind: str, target: Target = ALL, **values: Any) -> ConfigSetResult:
+        return await set_config(self.operator, ConfigSet(kind=kind, target=target, values=values))
+
+    async def status(self, *sites: str) -> SyncStatus:
+        return await sync_status(self.operator, SyncStatusQuery(sites=list(sites) or None))
+
+    async def wait_in_sync(self, *sites: str, timeout: float = 20.0) -> None:
+        async def in_sync() -> bool:
+            status = await self.status(*sites)
+            return all(state == SyncState.IN_SYNC for state in status.sites.values())
+
+        await wait_until(in_sync, timeout, lambda: "not in sync")
+
+
+def limit(agent: EdgeAgent) -> int:
+    assert agent.ingest is not None
+    return agent.ingest.limits.max_payload_bytes
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+    async with running_center(tmp_path) as center:
+        sync = SyncService(center.operator, SYNC)  # its own subscriptions on a center bus
+        stop = asyncio.Event()
+        task = asyncio.create_task(sync.run(stop))
+        await asyncio.wait_for(sync.started.wait(), 15)
+        fleet = Fleet(center, sync, tmp_path)
+        try:
+            yield fleet
+        finally:
+            await fleet.stop_all()
+            stop.set()
+            await asyncio.wait_for(task, 15)
+
+
+async def test_layers_reach_exactly_the_targeted_sites(fleet: Fleet) -> None:
+    s1 = await fleet.add("s1", group="a")
+    s2 = await fleet.add("s2", group="a")
+    s3 = await fleet.add("s3", group="b", zone="x")
+    everyone = (s1, s2, s3)
+
+    result = await fleet.set("ingest", max_payload_bytes=1000)
+    assert (result.targeted, result.changed) == (3, 3) and result.rev
+    await wait_until(lambda: all(limit(a) == 1000 for a in everyone), 15, "global not applied")
+    await fleet.wait_in_sync()
+
+    received = {a.site: a.sync.stats["received"] for a in everyone if a.sync}
+    group = Target(scope=Scope.GROUP, name="a")
+    result = await fleet.set("ingest", group, max_payload_bytes=2000)
+    assert (result.targeted, result.changed) == (2, 2)
+    await wait_until(lambda: limit(s1) == limit(s2) == 2000, 15, "group not applied")
+
+    site = Target(scope=Scope.SITE, name="s1")
+    assert (await fleet.set("ingest", site, max_payload_bytes=3000)).changed == 1
+    labels = Target(scope=Scope.LABELS, labels={"zone": "x"})
+    assert (await fleet.set("ingest", labels, max_payload_bytes=4000)).changed == 1
+    await wait_until(lambda: (limit(s1), limit(s3)) == (3000, 4000), 15, "not applied")
+    await fleet.wait_in_sync()
+    assert limit(s2) == 2000
+    # s3 is in neither group a nor site s1: it received only the global and the label change.
+    assert s3.sync is not None and s3.sync.stats["received"] == received["s3"] + 1
+
+    view = await get_config(fleet.operator, ConfigGet(kind="ingest", site="s1"))
+    assert view.effective == {"max_payload_bytes": 3000}
+    assert [layer.target.scope for layer in view.layers] == ["all", "group", "site"]
+    history = await config_history(fleet.operator, ConfigHistoryQuery(kind="ingest"))
+    assert [c.values["max_payload_bytes"] for c in history.changes] == [1000, 2000, 3000, 4000]
+    assert [c.changed_sites for c in history.changes] == [3, 2, 1, 1]
+
+
+async def test_a_preview_shows_which_sites_change_and_how(fleet: Fleet) -> None:
+    await fleet.add("s1", group="a")
+    await fleet.add("s2", group="b")
+    await fleet.set("ingest", Target(scope=Scope.SITE, name="s2"), max_payload_bytes=5000)
+    preview = await set_config(
+        fleet.operator,
+        ConfigSet(kind="ingest", target=ALL, values={"max_payload_bytes": 800}, dry_run=True),
+    )
+    assert preview.rev is None and (preview.targeted, preview.changed) == (2, 1)
+    [only] = preview.diffs
+    assert only.site == "s1"
+    assert [(c.key, c.before, c.after) for c in only.changes] == [
+        ("max_payload_bytes", 64 * 1024, 800)
+    ]
+    history = await config_history(fleet.operator, ConfigHistoryQuery())
+    assert len(history.changes) == 1  # the preview is not a change
+
+
+async def test_invalid_config_is_refused_at_the_center_before_anything_is_sent(
+    fleet: Fleet,
+) -> None:
+    s1 = await fleet.add("s1")
+    for values, code in (
+        ({"max_payload_bytes": 10}, "invalid_value"),  # below the schema's minimum
+        ({"max_payload_bytes": "big"}, "invalid_value"),
+        ({"payload_limit": 1000}, "unknown_key"),
+    ):
+        with pytest.raises(RemoteError) as refused:
+            await fleet.set("ingest", **values)
+        assert refused.value.code == code, str(refused.value)
+    with pytest.raises(RemoteError) as refused:
+        await fleet.set("nonsense", x=1)
+    assert refused.value.code == "unknown_kind"
+    await asyncio.sleep(3 * REPORT_S)
+    assert s1.sync is not None and s1.sync.stats["received"] == 0
+    assert (await config_history(fleet.operator, ConfigHistoryQuery())).changes == []
+
+
+async def test_an_offline_site_converges_straight_to_the_newest_revision(fleet: Fleet) -> None:
+    s1 = await fleet.add("s1")
+    s2 = await fleet.add("s2")
+    await fleet.set("ingest", max_payload_bytes=1000)
+    await fleet.wait_in_sync()
+    assert s2.sync is not None
+    applied_before = s2.sync.stats["applied"]
+
+    await asyncio.to_thread(fleet.center.topology.cut_link, "s2")
+    for size in (1100, 1200, 1300):
+        await fleet.set("ingest", max_payload_bytes=size)
+    await wait_until(lambda: limit(s1) == 1300, 15, "s1 did not follow")
+    await asyncio.sleep(3 * REPORT_S)
+    assert limit(s2) == 1000  # cut off: it heard none of them
+    [row] = (await fleet.status("s2")).rows[:1]
+    assert row.state == SyncState.OUT_OF_SYNC
+
+    await asyncio.to_thread(fleet.center.topology.restore_link, "s2")
+    await wait_until(lambda: limit(s2) == 1300, 20, "s2 did not converge")
+    await fleet.wait_in_sync("s2")
+    # Straight to the newest: one apply, not a replay of 1100 and 1200.
+    assert s2.sync.stats["applied"] == applied_before + 1
+
+
+async def test_a_site_that_cannot_run_a_config_reports_failed_and_keeps_its_own(
+    fleet: Fleet,
+) -> None:
+    s1 = await fleet.add("s1")
+    await fleet.add("s2")
+    target = Target(scope=Scope.SITE, name="s1")
+    # Valid for the schema, but more than this site's storage can reserve.
+    result = await fleet.set("replay", target, max_bytes=10**16)
+    assert result.changed == 1
+
+    async def failed() -> bool:
+        status = await fleet.status("s1")
+        return any(r.kind == "replay" and r.state == SyncState.FAILED for r in status.rows)
+
+    await wait_until(failed, 20, "s1 never reported failed")
+    status = await fleet.status("s1")
+    [row] = [r for r in status.rows if r.kind == "replay"]
+    print(f"\nfailed apply reported: {row.error}")
+    assert row.error and row.applied_rev == result.rev
+    assert status.sites["s1"] == SyncState.FAILED
+    assert s1.alarms is not None
+    ident = alarm_id("s1", ALARM_ENTITY, apply_failed_cause("replay"))
+    assert ident in {a.alarm_id for a in s1.alarms.active()}
+    assert s1.monitor is not None and s1.monitor.snapshot()  # still running
+    assert (await fleet.status("s2")).sites["s2"] == SyncState.IN_SYNC  # untouched
+
+    # The audit does not resend a config the site failed (it would fail again) ...
+    pushed = fleet.sync.stats["pushed"]
+    await asyncio.sleep(2 * SYNC.audit_interval_s + SYNC.policy.resend_after_s)
+    assert fleet.sync.stats["pushed"] == pushed
+    # ... a new revision is applied, the alarm clears, the stream has the new bound.
+    await fleet.set("replay", target, max_bytes=64 * 1024 * 1024)
+    await fleet.wait_in_sync("s1")
+    await wait_until(lambda: ident not in {a.alarm_id for a in s1.alarms.active()}, 10, "alarm")
+    assert s1.bus is not None
+    info = await s1.bus.js.stream_info("REPLAY")
+    assert info.config.max_bytes == 64 * 1024 * 1024
+
+
+async def test_restart_with_no_center_runs_the_last_known_config(fleet: Fleet) -> None:
+    await fleet.add("s1")
+    await fleet.set("ingest", max_payload_bytes=1234)
+    await fleet.wait_in_sync("s1")
+    await fleet.stop_agent("s1")
+
+    await asyncio.to_thread(fleet.center.topology.cut_link, "s1")
+    agent = await fleet.start_agent("s1")
+    # Applied from disk before the agent reported ready: no center involved.
+    assert limit(agent) == 1234
+    assert agent.sync is not None and agent.sync.stats["received"] == 0
+
+
+async def test_a_new_site_gets_its_whole_config_at_onboarding(fleet: Fleet) -> None:
+    await fleet.set("ingest", Target(scope=Scope.GROUP, name="late"), max_payload_bytes=777)
+    await fleet.set("replay", max_bytes=32 * 1024 * 1024)
+    # Onboarding brings the config: the agent runs it from its first moment, even with
+    # the link cut right after onboarding.
+    agent = await fleet.add("s9", group="late")
+    assert limit(agent) == 777
+    assert agent.sync is not None
+    assert {k: r.config for k, r in agent.sync.store.running.items()} == {
+        "ingest": {"max_payload_bytes": 777},
+        "replay": {
+            "max_bytes": 32 * 1024 * 1024,
+            "max_age_s": 7 * 24 * 3600.0,
+            "policy": "refuse_new",
+            "near_full_ratio": 0.8,
+        },
+    }
+    await fleet.wait_in_sync("s9")
+
+
+async def test_drift_at_a_site_is_found_and_resynced(fleet: Fleet) -> None:
+    await fleet.add("s1")
+    await fleet.set("ingest", max_payload_bytes=1500)
+    await fleet.wait_in_sync("s1")
+    await fleet.stop_agent("s1")
+    # Someone edits the site's applied config by hand while the agent is down.
+    agent_dir = agent_data_dir(fleet.site_dir("s1"))
+    store = AppliedStore(store_dir(agent_dir)).load()
+    running = store.running["ingest"]
+    store.running["ingest"] = replace(running, config={"max_payload_bytes": 99_000}, digest="x")
+    store.attempts["ingest"] = store.attempts["ingest"].model_copy(update={"digest": "x"})
+    store.save()
+
+    # It restarts cut off (no pull at start can fix it), then the link comes back: its
+    # periodic report shows the drift and the center sends the desired config again.
+    await asyncio.to_thread(fleet.center.topology.cut_link, "s1")
+    agent = await fleet.start_agent("s1")
+    await asyncio.sleep(2 * REPORT_S)
+    assert limit(agent) == 99_000
+    pushed = fleet.sync.stats["pushed"]
+    await asyncio.to_thread(fleet.center.topology.restore_link, "s1")
+    await wait_until(lambda: limit(agent) == 1500, 15, "drift never corrected")
+    await fleet.wait_in_sync("s1")
+    assert fleet.sync.stats["pushed"] > pushed
+
+
+EDGEBUS = Path(sys.executable).parent / "edgebus"
+
+
+async def edgebus(fleet: Fleet, *args: str) -> tuple[int, str, str]:
+    """The installed `edgebus` command against the fleet's center."""
+    process = await asyncio.create_subprocess_exec(
+        str(EDGEBUS), *args, "--server", fleet.center.url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_the_config_and_sync_commands(fleet: Fleet) -> None:
+    s1 = await fleet.add("s1", group="a")
+    await fleet.add("s2", group="b")
+
+    code, out, err = await edgebus(fleet, "config", "diff", "ingest", "max_payload_bytes=2048")
+    assert code == 0, err
+    assert "would change" in out and "s1" in out and "65536" in out and "2048" in out
+    code, out, err = await edgebus(
+        fleet, "config", "set", "ingest", "max_payload_bytes=2048", "--group", "a", "--json"
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result["changed"], result["diffs"][0]["site"]) == (1, "s1") and result["rev"]
+    await wait_until(lambda: limit(s1) == 2048, 15, "not applied")
+    await fleet.wait_in_sync()
+
+    code, out, err = await edgebus(fleet, "config", "set", "ingest", "max_payload_bytes=1")
+    assert code == 1 and "invalid_value" in err, (out, err)
+    code, out, err = await edgebus(
+        fleet, "config", "set", "ingest", "x=1", "--site", "s1", "-g", "a"
+    )
+    assert code == 2 and "choose one target" in err
+
+    code, out, err = await edgebus(fleet, "config", "get", "ingest", "--site", "s1", "--effective")
+    assert code == 0 and json.loads(out) == {"max_payload_bytes": 2048}, err
+    code, out, err = await edgebus(fleet, "config", "history", "--json")
+    assert code == 0 and [c["rev"] for c in json.loads(out)["changes"]] == [result["rev"]]
+
+    code, out, err = await edgebus(fleet, "sync", "status", "--json")
+    assert code == 0, err
+    status = json.loads(out)
+    assert status["sites"] == {"s1": "in-sync", "s2": "in-sync"}
+    assert {(r["site"], r["kind"], r["desired_rev"]) for r in status["rows"]} >= {
+        ("s1", "ingest", result["rev"]),
+        ("s2", "ingest", 0),
+    }
+    code, out, err = await edgebus(fleet, "sites", "list", "--json")
+    assert code == 0, err
+    assert {r["site"]: r["sync"] for r in json.loads(out)} == {"s1": "in-sync", "s2": "in-sync"}
+    code, out, err = await edgebus(fleet, "sites", "list")
+    assert code == 0 and "sync" in out and "in-sync" in out, err
