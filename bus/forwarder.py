@@ -162,9 +162,12 @@ class Forwarder:
         )
 
     async def backlog(self) -> BacklogStats:
-        """Read the log's JetStream state (two or three local API calls)."""
-        consumer = await self._js.consumer_info(STREAM, FORWARDER_CONSUMER)
+        """Read the log's JetStream state (two or three local API calls).
+
+        The stream is read before the consumer, so `depth == 0` means every entry up to
+        `last_seq` is settled (one appended between the two reads only adds to depth)."""
         stream = await self._js.stream_info(STREAM)
+        consumer = await self._js.consumer_info(STREAM, FORWARDER_CONSUMER)
         state = stream.state
         ack_floor = consumer.ack_floor.stream_seq if consumer.ack_floor else 0
         depth = int(consumer.num_pending or 0) + int(consumer.num_ack_pending or 0)

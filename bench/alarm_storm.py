@@ -1,0 +1,278 @@
+"""Alarm storm at the center: alarms processed per second against a raw counting consumer.
+
+    python -m bench.alarm_storm [--quick] [--sites N] [--events M] [--rounds R]
+
+One run, one throwaway hub. N sites raise and clear alarms at a high rate: M alarm changes
+(raise, clear, raise, ... on five alarms per site, plus one site flapping one alarm thousands
+of times) are stored in the center's `UP_ALARM` stream exactly as the sites' forwarders
+would leave them (CloudEvents, `Nats-Msg-Id` = event id). Then, per round:
+
+- baseline: a raw nats-py pull consumer on the same stream that only counts the messages
+  (batch 500, acks the last of each batch, AckPolicy.ALL): seconds until it has all M;
+- ours: the alarms service as its own process (`python -m services.alarms`) consumes the
+  same M from its own durable consumer, decodes and validates each, updates the alarm table
+  (flapping detection, storm guard, live notices) and compare-and-sets the changed records
+  into the `ALARMS` KV bucket; a message is acked only once its state is stored. Timed from
+  the consumer's first delivery to its ack floor reaching the last message, read from the
+  server (`consumer_info`) every 20 ms; the service's CPU over that window is reported.
+
+History is kept by construction (raises and clears stay in `UP_ALARM`; flapping summaries go
+to `ALARM_ACTIVITY`): the script checks after each round that the KV table holds one record
+per alarm and that the flapping alarm is marked as such. value = alarms processed / s;
+baseline = raw counted / s; target ratio >= 0.5 (the issue's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from nats.aio.client import Client as NatsClient
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from bench.common import (
+    BenchResult,
+    ResourceSampler,
+    bench_args,
+    format_table,
+    machine_info,
+    median,
+    nats_server,
+    rate,
+)
+from bus import subjects
+from bus.client import MSG_ID_HEADER, Bus
+from bus.config import NatsConfig
+from bus.jspublish import PipelinedPublisher
+from bus.log import configure_logging
+from bus.streams import ALARMS_KV, ensure_kv, ensure_stream, uplink_stream
+from schemas import REGISTRY, new_event
+from schemas.alarms import AlarmCleared, AlarmRaised, AlarmRecord, Severity, alarm_id
+
+BENCH = "alarm_storm"
+TARGET_RATIO = 0.5
+ALARMS_PER_SITE = 5
+FLAPPER = "flapper"
+STREAM = uplink_stream("alarm").name
+SERVICE_CONSUMER = "alarms"  # services.alarms.processor.CONSUMER
+POLL_S = 0.02
+BATCH = 500
+
+
+def storm_plan(sites: int, events: int) -> list[tuple[str, str, int]]:
+    """(site, entity, turn) of each change, in order: every fifth from one flapping site,
+    the rest round-robin over `sites` sites x five alarms; turn 0, 2, .. raise, 1, 3, .. clear."""
+    plan: list[tuple[str, str, int]] = []
+    spread = 0
+    for n in range(events):
+        if n % 5 == 0:
+            plan.append((FLAPPER, "valve", n // 5))
+            continue
+        alarm = spread % (sites * ALARMS_PER_SITE)
+        site, entity = f"s{alarm % sites:05d}", f"pump{alarm // sites}"
+        plan.append((site, entity, spread // (sites * ALARMS_PER_SITE)))
+        spread += 1
+    return plan
+
+
+def storm_events(plan: list[tuple[str, str, int]]) -> list[tuple[str, bytes, str]]:
+    """(subject, encoded CloudEvent, event id) of each planned change, a millisecond apart."""
+    t0 = datetime.now(UTC) - timedelta(hours=1)
+    out: list[tuple[str, bytes, str]] = []
+    for n, (site, entity, turn) in enumerate(plan):
+        at = t0 + timedelta(milliseconds=n)
+        identity = alarm_id(site, entity, "overheat")
+        data: AlarmRaised | AlarmCleared
+        if turn % 2 == 0:
+            data = AlarmRaised(
+                alarm_id=identity,
+                site=site,
+                entity=entity,
+                severity=Severity.MAJOR,
+                probable_cause="overheat",
+                text=f"{entity} too hot",
+                raised_at=at,
+            )
+        else:
+            data = AlarmCleared(
+                alarm_id=identity,
+                site=site,
+                entity=entity,
+                probable_cause="overheat",
+                text="back to normal",
+                cleared_at=at,
+            )
+        event = new_event(data, source=f"/sites/{site}", subject=identity, time=at)
+        out.append((subjects.up(site, "alarm", entity), REGISTRY.encode(event), event.id))
+    return out
+
+
+async def load_stream(nc: NatsClient, events: list[tuple[str, bytes, str]]) -> float:
+    """Store every event in UP_ALARM as forwarders do; seconds taken."""
+    publisher = PipelinedPublisher(nc)
+    await publisher.start()
+    started = time.perf_counter()
+    try:
+        for first in range(0, len(events), 5000):
+            futures = [
+                await publisher.publish(subject, data, {MSG_ID_HEADER: event_id})
+                for subject, data, event_id in events[first : first + 5000]
+            ]
+            failed = [r for r in await publisher.wait(futures, 60) if isinstance(r, Exception)]
+            if failed:
+                raise RuntimeError(f"loading UP_ALARM failed: {failed[0]!r}")
+    finally:
+        await publisher.close()
+    return time.perf_counter() - started
+
+
+async def raw_count(nc: NatsClient, durable: str, total: int) -> float:
+    """Seconds for a bare pull consumer to receive `total` messages, counting only."""
+    js = nc.jetstream()
+    config = ConsumerConfig(
+        durable_name=durable, ack_policy=AckPolicy.ALL, deliver_policy=DeliverPolicy.ALL
+    )
+    sub = await js.pull_subscribe("up.*.alarm.>", durable=durable, stream=STREAM, config=config)
+    counted = 0
+    started = time.perf_counter()
+    while counted < total:
+        msgs = await sub.fetch(BATCH, timeout=10)
+        counted += len(msgs)
+        await msgs[-1].ack()
+    seconds = time.perf_counter() - started
+    await sub.unsubscribe()
+    await js.delete_consumer(STREAM, durable)
+    return seconds
+
+
+def start_service(url: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.alarms", "--nats", url, "--log-level", "warning",
+         "--replica-id", "bench", "--lease-ttl-s", "2"],
+    )  # fmt: skip
+
+
+async def service_pass(nc: NatsClient, url: str, total: int) -> dict[str, float]:
+    """Run the service on the stored storm; seconds from first delivery to all acked."""
+    js = nc.jetstream()
+    proc = start_service(url)
+    try:
+        with ResourceSampler({"alarms": proc.pid}) as usage:
+            first_seen = None
+            deadline = time.monotonic() + 300
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the alarms service exited with {proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the alarms service did not finish within 300 s")
+                try:
+                    info = await js.consumer_info(STREAM, SERVICE_CONSUMER)
+                except Exception:  # not created yet
+                    await asyncio.sleep(POLL_S)
+                    continue
+                now = time.perf_counter()
+                delivered = info.delivered.stream_seq if info.delivered else 0
+                floor = info.ack_floor.stream_seq if info.ack_floor else 0
+                if first_seen is None and delivered:
+                    first_seen = now
+                if floor >= total:
+                    break
+                await asyncio.sleep(POLL_S)
+        assert first_seen is not None
+        seconds = now - first_seen
+        cpu = usage.usage["alarms"]
+        return {"seconds": seconds, "cpu_cores": cpu.cpu_percent / 100, "rss_mb": cpu.rss_peak_mb}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        await js.delete_consumer(STREAM, SERVICE_CONSUMER)
+
+
+async def check_state(bus: Bus, alarms: int) -> dict[str, Any]:
+    """The KV table after a pass: one record per alarm, the flapper marked flapping."""
+    kv = await ensure_kv(bus.js, ALARMS_KV)
+    keys = await kv.keys()
+    flapping = False
+    for key in keys:
+        if key.startswith(f"{FLAPPER}."):
+            entry = await kv.get(key)
+            flapping = AlarmRecord.model_validate_json(entry.value or b"").flapping
+    return {"records": len(keys), "alarms": alarms, "flapper_flapping": flapping}
+
+
+async def reset_state(bus: Bus) -> None:
+    """Empty the alarm table so the next pass does the same work again."""
+    await bus.js.purge_stream(f"KV_{ALARMS_KV.bucket}")
+
+
+async def run(sites: int, events: int, rounds: int, quick: bool) -> BenchResult:
+    with nats_server(BENCH) as server:
+        bus = await Bus.connect(NatsConfig.from_url(server.url, name="bench-center"))
+        try:
+            await ensure_stream(bus.js, uplink_stream("alarm"))
+            plan = storm_plan(sites, events)
+            alarms = len({(site, entity) for site, entity, _ in plan})
+            batch = storm_events(plan)
+            load_s = await load_stream(bus.nc, batch)
+            print(f"stored {events:,} alarm changes from {sites + 1:,} sites in {load_s:.1f} s")
+            raw_rates, ours, checks = [], [], []
+            for n in range(rounds):
+                raw_s = await raw_count(bus.nc, f"raw{n}", events)
+                raw_rates.append(rate(events, raw_s))
+                passed = await service_pass(bus.nc, server.url, events)
+                ours.append({**passed, "rate": rate(events, passed["seconds"])})
+                checks.append(await check_state(bus, alarms))
+                await reset_state(bus)
+        finally:
+            await bus.close()
+    rows = [
+        [n + 1, raw_rates[n], ours[n]["rate"], ours[n]["rate"] / raw_rates[n],
+         ours[n]["cpu_cores"], checks[n]["records"], checks[n]["flapper_flapping"]]
+        for n in range(rounds)
+    ]  # fmt: skip
+    print(format_table(
+        ["round", "raw msg/s", "alarms/s", "ratio", "service cores", "records", "flapping"], rows
+    ))  # fmt: skip
+    bad = [c for c in checks if not c["flapper_flapping"] or c["records"] != c["alarms"]]
+    if bad:
+        raise RuntimeError(f"alarm state wrong after a pass: {bad[0]}")
+    value, baseline = median(o["rate"] for o in ours), median(raw_rates)
+    return BenchResult(
+        bench=BENCH,
+        value=value,
+        unit="alarm changes processed/s",
+        baseline=baseline,
+        target=TARGET_RATIO,
+        extra={
+            "sites": sites + 1,
+            "events": events,
+            "rounds": rounds,
+            "quick": quick,
+            "service_cpu_cores": median(o["cpu_cores"] for o in ours),
+            "service_rss_mb": max(o["rss_mb"] for o in ours),
+            "records": checks[-1]["records"],
+            **machine_info(),
+        },
+    )
+
+
+def main() -> None:
+    def more(parser: Any) -> None:
+        parser.add_argument("--sites", type=int, default=None)
+        parser.add_argument("--events", type=int, default=None)
+        parser.add_argument("--rounds", type=int, default=None)
+
+    args = bench_args(__doc__ or BENCH, add_arguments=more)
+    configure_logging("warning")
+    sites = args.sites or (200 if args.quick else 2000)
+    events = args.events or (20_000 if args.quick else 200_000)
+    rounds = args.rounds or (1 if args.quick else 3)
+    asyncio.run(run(sites, events, rounds, args.quick)).emit()
+
+
+if __name__ == "__main__":
+    main()
