@@ -126,7 +126,9 @@ class KvMirror(Generic[T]):
                 loaded.set()
                 continue
             revision = entry.revision or 0
-            if entry.operation in _DELETE_OPS:
+            if revision <= self._revisions.get(entry.key, 0):
+                pass  # our own write, taken by `remember` already: no need to parse it again
+            elif entry.operation in _DELETE_OPS:
                 self._store(entry.key, None, revision, notify=loaded.is_set())
             else:
                 value = self._parse(entry.key, entry.value or b"")
