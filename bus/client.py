@@ -290,6 +290,24 @@ class Bus:
 
     # -- lifecycle -------------------------------------------------------------------
 
+    async def confirm_subscriptions(self, timeout: float = 5.0) -> None:
+        """Return once the server has every subscription made so far.
+
+        Not `nc.flush()`: nats-py 2.16 writes its PING past the pending-command buffer, so
+        the PONG can come back before the SUBs went out (measured: ~5% of starts answered
+        "no responders" right after). A request to ourselves is queued behind the SUBs.
+        """
+        echo = self.nc.new_inbox()
+
+        async def answer(msg: Msg) -> None:
+            await self.nc.publish(msg.reply, b"")
+
+        sub = await self.nc.subscribe(echo, cb=answer)
+        try:
+            await self.nc.request(echo, b"", timeout=timeout)
+        finally:
+            await sub.unsubscribe()
+
     async def close(self) -> None:
         """Drain: finish in-flight handlers and flush publishes, then close."""
         if self.nc.is_closed:

@@ -11,7 +11,6 @@ import contextlib
 from collections import Counter
 from typing import Any
 
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
@@ -129,22 +128,7 @@ class AlarmsService:
                 ops["stats"], AlarmsStatsQuery, requests.stats, component="alarms-stats"
             )
         )
-        await self._confirm_subscriptions()
-
-    async def _confirm_subscriptions(self) -> None:
-        """Return once the server has our subscriptions (a request to ourselves is queued
-        behind them; nats-py's flush may not be, see the controller)."""
-        nc = self.bus.nc
-        echo = nc.new_inbox()
-
-        async def answer(msg: Msg) -> None:
-            await nc.publish(msg.reply, b"")
-
-        sub = await nc.subscribe(echo, cb=answer)
-        try:
-            await nc.request(echo, b"", timeout=5.0)
-        finally:
-            await sub.unsubscribe()
+        await self.bus.confirm_subscriptions()
 
     def _parse(self, key: str, value: bytes) -> AlarmRecord | None:
         try:

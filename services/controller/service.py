@@ -11,7 +11,6 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from bus import subjects
@@ -165,7 +164,7 @@ class ControllerService:
                 ops["stats"], ControllerStatsQuery, self._stats, component="controller-stats"
             ),
         ]
-        await self._confirm_subscriptions()
+        await self.bus.confirm_subscriptions()
         self.started.set()
         self._log.info(
             "controller_started",
@@ -189,25 +188,6 @@ class ControllerService:
             self._log.warning("onboarding_without_config", site=site, error=repr(exc))
             return {}
         return answer.data.model_dump(mode="json")
-
-    async def _confirm_subscriptions(self) -> None:
-        """Return once the server has every subscription made so far.
-
-        Not `nc.flush()`: nats-py 2.16 writes its PING past the pending-command buffer, so
-        the PONG can come back before the SUBs went out (measured: ~5% of starts answered
-        "no responders" right after). A request to ourselves is queued behind the SUBs.
-        """
-        nc = self.bus.nc
-        echo = nc.new_inbox()
-
-        async def answer(msg: Msg) -> None:
-            await nc.publish(msg.reply, b"")
-
-        sub = await nc.subscribe(echo, cb=answer)
-        try:
-            await nc.request(echo, b"", timeout=5.0)
-        finally:
-            await sub.unsubscribe()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start, serve until `stop` is set, then stop cleanly (handing the lease over)."""

@@ -153,7 +153,7 @@ class SyncService:
             # Not `serve`: the answer depends on which site asked, i.e. on the subject.
             await self.bus.nc.subscribe(subjects.sync_pull_all(), queue=queue, cb=self._on_pull),
         ]
-        await self._confirm_subscriptions()
+        await self.bus.confirm_subscriptions()
         self._tasks = [
             asyncio.create_task(self._keep_lease()),
             asyncio.create_task(self._keep_mirrors()),
@@ -193,21 +193,6 @@ class SyncService:
             if mirror is not None:
                 await mirror.stop()
         self._log.info("sync_stopped", **self.stats)
-
-    async def _confirm_subscriptions(self) -> None:
-        """Return once the server has our subscriptions (a request to ourselves is queued
-        behind them; nats-py's flush is not enough, see the controller)."""
-        nc = self.bus.nc
-        echo = nc.new_inbox()
-
-        async def answer(msg: Msg) -> None:
-            await nc.publish(msg.reply, b"")
-
-        sub = await nc.subscribe(echo, cb=answer)
-        try:
-            await nc.request(echo, b"", timeout=5.0)
-        finally:
-            await sub.unsubscribe()
 
     # -- membership and layers ----------------------------------------------------------
 
