@@ -5,6 +5,7 @@ Used by `edgebus center run` and the demo; production runs a NATS cluster instea
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from bus import subjects
@@ -45,9 +46,16 @@ async def declare_center_streams(bus: Bus) -> None:
         await ensure_stream(bus.js, spec)
 
 
+CREDENTIALS_ENV = "EDGEBUS_CREDENTIALS"
+
+
 async def connect_center(
     url: str, name: str = "edgebus-cli", *, credentials: Path | None = None
 ) -> Bus:
+    """A connection to the center; without `credentials`, the creds file named by
+    `$EDGEBUS_CREDENTIALS` if set (so every command works against an operator-mode center)."""
+    if credentials is None and os.environ.get(CREDENTIALS_ENV):
+        credentials = Path(os.environ[CREDENTIALS_ENV])
     return await Bus.connect(
         NatsConfig.from_url(url, name=name, connect_timeout_s=5.0, credentials=credentials)
     )

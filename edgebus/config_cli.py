@@ -43,7 +43,8 @@ ServerOption = Annotated[
     str, typer.Option("--server", "-s", envvar="EDGEBUS_SERVER", help="center NATS URL")
 ]
 CredsOption = Annotated[
-    Path | None, typer.Option("--creds", envvar="EDGEBUS_CREDS", help="NATS creds file")
+    Path | None,
+    typer.Option("--credentials", "--creds", envvar="EDGEBUS_CREDENTIALS", help="NATS creds file"),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="print one JSON document")]
 GroupOption = Annotated[str | None, typer.Option("--group", "-g", help="target this group")]

@@ -232,6 +232,11 @@ class Demo:
         if self.options.simulate:
             self._start_simulator()
         self._say(f"demo running in {self.data_dir}; Ctrl-C stops it")
+        self._say(
+            f"operator commands meanwhile: export EDGEBUS_SERVER={self.center.url} "
+            f"EDGEBUS_CREDENTIALS={self.center.creds_path('demo')}; then edgebus sites list, "
+            "edgebus alarms summary, edgebus sync status, edgebus logs --since 10m"
+        )
 
     def _spawn(self, name: str, argv: Sequence[str]) -> ChildProcess:
         child = ChildProcess(name, argv, self.data_dir / "logs" / f"{name}.log")
