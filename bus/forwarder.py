@@ -232,7 +232,7 @@ class Forwarder:
                 return self._local_failure(f"replay log not readable: {exc!r}")
             self._watermark = info.ack_floor.stream_seq if info.ack_floor else 0
             self._ack_wait_s = float(info.config.ack_wait or self._ack_wait_s)
-            if self.config.publish_timeout_s >= self._ack_wait_s / 2:
+            if self.config.publish_timeout_s > self._ack_wait_s / 2:
                 # A batch could then be redelivered while its center acks are still awaited.
                 self._log.warning(
                     "publish_timeout_too_long",
