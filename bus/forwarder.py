@@ -20,18 +20,20 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from bus import subjects
 from bus.deadletter import DeadLetterSink
 from bus.forwarding.config import ForwarderConfig
 from bus.forwarding.outcomes import (
+    NoStreamAtCenter,
     OrderWatch,
     Outcome,
     Unforwardable,
     backoff_delay,
     classify,
     describe,
+    no_stream_despite_link,
     overtaken,
     reached_center,
     retry_delay,
@@ -51,12 +53,14 @@ __all__ = [
     "Forwarder",
     "ForwarderConfig",
     "ForwarderStats",
+    "NoStreamAtCenter",
     "OrderWatch",
     "Outcome",
     "Unforwardable",
     "backoff_delay",
     "classify",
     "describe",
+    "no_stream_despite_link",
     "overtaken",
     "reached_center",
     "retry_delay",
@@ -65,6 +69,8 @@ __all__ = [
 
 DEAD_LETTER_COMPONENT = "forwarder"
 DEAD_LETTER_REASON = "rejected_by_center"
+NO_STREAM_REASON = "no_stream_at_center"
+EXTEND_FETCH_S = 0.2  # how long to wait for newer entries behind a head with no stream
 
 
 @dataclass(slots=True)
@@ -73,6 +79,12 @@ class _Entry:
     seq: int
     gap: int  # entries missing (dropped) between the previous settled one and this one
     event_id: str
+
+    @property
+    def kind(self) -> str:
+        """The entry's kind: `replay.<site>.<kind>...` (entries of a kind share a stream)."""
+        parts = self.msg.subject.split(".", 3)
+        return parts[2] if len(parts) > 2 else ""
 
 
 async def _sleep_unless_stopped(stop: asyncio.Event, delay: float) -> None:
@@ -121,6 +133,10 @@ class Forwarder:
         self._held: list[_Entry] = []
         self._inflight: list[_Entry] = []  # the batch being published right now
         self._probing = True  # the link may just be coming up: start with one entry
+        # Event ids answered "no responders" while a later entry reached the center: times.
+        self._no_stream: dict[str, int] = {}
+        # Since when the held head is answered "no responders" (None: it is not).
+        self._head_unanswered_since: float | None = None
         self._order = OrderWatch(capacity=4 * self.config.batch_size)
         self._rate = RateMeter()
         self._link_up: bool | None = None
@@ -223,6 +239,8 @@ class Forwarder:
     async def _step(self, stop: asyncio.Event) -> float:
         """Forward one batch; returns how long to back off before the next one."""
         if self._held:
+            if self._probing and self._head_unanswered_since is not None:
+                return await self._forward(await self._head_and_witness(stop))
             # After a failure: the oldest held entry alone until one gets through, then all.
             return await self._forward(self._held[:1] if self._probing else self._held)
         if self._watermark is None:
@@ -261,7 +279,43 @@ class Forwarder:
             return self._wait_for_redelivery(blocked)
         return delay
 
-    async def _in_order(self, msgs: list[Msg]) -> tuple[list[_Entry], int]:
+    async def _head_and_witness(self, stop: asyncio.Event) -> list[_Entry]:
+        """The held head, plus the first held entry of another kind (fetching newer entries
+        for one if none is held): if the head is again "no responders" while the witness
+        reaches the center, the center has no stream for the head (see `_forward`). Should
+        the head be merely unlucky (a link healing between the two), the witness overtakes
+        it: counted by the order watch, as for any batch."""
+        head = self._held[0]
+        witness = next((e for e in self._held[1:] if e.kind != head.kind), None)
+        since = self._head_unanswered_since
+        if (
+            witness is None
+            and len(self._held) < self.config.batch_size
+            and since is not None
+            and time.monotonic() - since >= self.config.witness_fetch_after_s
+        ):
+            await self._hold_newer(stop)
+            witness = next((e for e in self._held[1:] if e.kind != head.kind), None)
+        if witness is None:
+            return [head]
+        return self._held[: self._held.index(witness) + 1]
+
+    async def _hold_newer(self, stop: asyncio.Event) -> None:
+        """Fetch entries newer than the held ones and hold them too (in order, behind)."""
+        room = self.config.batch_size - len(self._held)
+        try:
+            msgs = await self._puller.fetch(
+                room, min(EXTEND_FETCH_S, self.config.fetch_timeout_s), stop
+            )
+            ready, _ = await self._in_order(msgs, after=self._held[-1].seq) if msgs else ([], 0)
+        except Exception as exc:  # left unacked: they come back after ack_wait, in order
+            self._log.warning("replay_log_failure", error=repr(exc))
+            return
+        self._held.extend(ready)
+
+    async def _in_order(
+        self, msgs: list[Msg], after: int | None = None
+    ) -> tuple[list[_Entry], int]:
         """The entries that may go now, in stream order, and (if any) the blocking older seq.
 
         An entry may go only if every entry between the watermark and it is gone (dropped by
@@ -270,7 +324,7 @@ class Forwarder:
         us newer ones. Those are left unacked too (they expire after the older ones).
         """
         assert self._watermark is not None
-        previous = self._watermark
+        previous = self._watermark if after is None else after
         ready: list[_Entry] = []
         seqs = [_stream_seq(msg) for msg in msgs]
         if any(a > b for a, b in itertools.pairwise(seqs)):  # redeliveries can come unsorted
@@ -313,7 +367,9 @@ class Forwarder:
         self._publishes += len(entries)
         self._inflight = entries
         try:
-            results = await self._publisher.wait(futures, self.config.publish_timeout_s)
+            results = self._prove_missing_streams(
+                entries, await self._publisher.wait(futures, self.config.publish_timeout_s)
+            )
             outcomes = [classify(result) for result in results]
             settled = settled_prefix(outcomes)
             self._check_order(entries, outcomes)
@@ -343,16 +399,42 @@ class Forwarder:
         attempted = [r for r in results if not isinstance(r, Unforwardable)]
         if attempted:
             self._set_link(any(reached_center(result) for result in attempted), attempted)
+        for entry in entries[:settled]:
+            self._no_stream.pop(entry.event_id, None)
         if settled == len(entries):
             self._succeeded()
             return 0.0
         error = results[settled]
         self._probing = True
+        if not isinstance(error, NoStreamResponseError):
+            self._head_unanswered_since = None
+        elif self._head_unanswered_since is None or settled > 0:
+            self._head_unanswered_since = time.monotonic()
         if isinstance(error, BaseException):
             return self._failure(
                 f"entry seq {entries[settled].seq} not forwarded: {describe(error)}", error
             )
         return self._failure(f"entry seq {entries[settled].seq}: dead-letter store failed")
+
+    def _prove_missing_streams(
+        self, entries: list[_Entry], results: list[PubAck | BaseException]
+    ) -> list[PubAck | BaseException]:
+        """Count the entries answered "no responders" while a later one reached the center;
+        those proven `no_stream_proofs` times become `NoStreamAtCenter` (dead-lettered)."""
+        results = list(results)
+        for index in no_stream_despite_link(results):
+            entry = entries[index]
+            proofs = self._no_stream.get(entry.event_id, 0) + 1
+            self._no_stream[entry.event_id] = proofs
+            if proofs >= self.config.no_stream_proofs:
+                center_subject = subjects.replay_to_up(entry.msg.subject)
+                results[index] = NoStreamAtCenter(
+                    f"no stream at the center stores {center_subject} ({proofs} times "
+                    "answered no responders while later entries reached the center)"
+                )
+        if len(self._no_stream) > 4 * self.config.batch_size:  # ids long gone by now
+            self._no_stream = dict(list(self._no_stream.items())[-self.config.batch_size :])
+        return results
 
     def _check_order(self, entries: list[_Entry], outcomes: list[Outcome]) -> None:
         for event_id in self._order.observe([e.event_id for e in entries], outcomes):
@@ -379,7 +461,9 @@ class Forwarder:
                 component=DEAD_LETTER_COMPONENT,
                 subject=entry.msg.subject,
                 data=entry.msg.data,
-                reason=DEAD_LETTER_REASON,
+                reason=NO_STREAM_REASON
+                if isinstance(results[index], NoStreamAtCenter)
+                else DEAD_LETTER_REASON,
                 detail=describe(_as_error(results[index])),
                 headers=dict(entry.msg.headers or {}),
                 event_id=entry.event_id,
@@ -418,6 +502,7 @@ class Forwarder:
     # -- state transitions -------------------------------------------------------------
 
     def _succeeded(self) -> None:
+        self._head_unanswered_since = None
         if self._waiting:
             self._log.info("redelivery_arrived", watermark=self._watermark)
             self._waiting = False

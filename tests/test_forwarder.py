@@ -13,7 +13,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,13 @@ from bus.forwarder import (
     Forwarder,
     ForwarderConfig,
     ForwarderStats,
+    NoStreamAtCenter,
     OrderWatch,
     Outcome,
     Unforwardable,
     backoff_delay,
     classify,
+    no_stream_despite_link,
     overtaken,
     settled_prefix,
 )
@@ -55,6 +57,8 @@ from edge_agent.replay.policy import CAUSE_LOSING, ENTITY
 from schemas import REGISTRY, new_event
 from schemas.alarms import AlarmRaised
 from schemas.devices import DeviceReading
+from schemas.envelope import utc_now
+from schemas.logs import LogLevel, LogRecord
 
 SITE = "s1"
 CHILD = Path(__file__).with_name("forwarder_child.py")
@@ -81,6 +85,17 @@ def test_classify_separates_permanent_from_transient_failures() -> None:
     assert classify(APIError(code=503, description="stream store failed")) is Outcome.FAILED
     assert classify(NoStreamResponseError()) is Outcome.FAILED
     assert classify(TimeoutError()) is Outcome.FAILED
+
+
+def test_no_responders_counts_as_no_stream_only_before_an_entry_that_reached_the_center() -> None:
+    gone = NoStreamResponseError()
+    assert no_stream_despite_link([]) == []
+    assert no_stream_despite_link([gone, gone, gone]) == []  # a cut link: all fail alike
+    assert no_stream_despite_link([gone, _ack(), gone]) == [0]  # the link fell after it
+    assert no_stream_despite_link([gone, TimeoutError(), _ack(duplicate=True)]) == [0]
+    center_error = APIError(code=503, description="stream store failed")
+    assert no_stream_despite_link([_ack(), gone, center_error]) == [1]  # the center answered
+    assert classify(NoStreamAtCenter("no stream for up.s1.log.warning")) is Outcome.REJECTED
 
 
 def test_settled_prefix_stops_at_the_first_transient_failure() -> None:
@@ -476,6 +491,66 @@ async def test_rejected_entry_is_dead_lettered_and_the_rest_go_in_order(
     stats = forwarder.stats()
     assert (stats.forwarded, stats.order_violations, stats.failures) == (9, 0, 0)
     assert (await forwarder.backlog()).depth == 0
+
+
+async def append_log_record(site: Site, message: str) -> None:
+    record = LogRecord(
+        site=SITE, level=LogLevel.WARNING, logger="test", message=message, timestamp=utc_now()
+    )
+    event = new_event(record, source=f"/sites/{SITE}")
+    [result] = await site.log.append_batch([LogEntry(kind="log", key="warning", event=event)])
+    assert result.status is AppendStatus.STORED
+
+
+async def test_an_entry_the_center_has_no_stream_for_is_dead_lettered_not_blocking(
+    make_site: SiteFactory,
+) -> None:
+    """A center without `UP_LOG` (an older center, say) answers "no responders" for log
+    entries, exactly as a cut link would: proven against later entries that do reach it,
+    those are dead-lettered at the site and everything behind them still goes, in order."""
+    site = await make_site()
+    await site.hub_js.delete_stream("UP_LOG")
+    await append_log_record(site, "first")  # the very first entry: nothing behind it yet
+    forwarder = site.forwarder(replace(FAST, witness_fetch_after_s=0.5))
+    await asyncio.sleep(1.0)
+    assert forwarder.stats().dead_lettered == 0  # no proof yet: it could be a cut link
+    await site.append(5, devices=2)
+    await append_log_record(site, "between")
+    await site.append(5, devices=2)
+    await wait_center(site, 10, timeout=20)
+
+    async def both_dead_lettered() -> bool:
+        return forwarder.stats().dead_lettered == 2
+
+    await wait_until(both_dead_lettered, 15, "both log entries dead-lettered")
+    await assert_center_has_exactly(site)
+    for seq in (1, 2):
+        dlq = await site.nc.jetstream().get_msg("DEADLETTER", seq=seq)
+        assert dlq.subject == f"dlq.{SITE}.forwarder.no_stream_at_center"
+        assert dlq.headers is not None
+        assert f"up.{SITE}.log.warning" in dlq.headers["Edgebus-Dlq-Detail"]
+    # Witnesses sent beside an unproven head are re-sent with it: duplicates, absorbed.
+    stats = forwarder.stats()
+    assert stats.order_violations == 0 and stats.dead_lettered == 2
+    assert (await forwarder.backlog()).depth == 0
+
+
+async def test_a_cut_link_never_counts_as_a_missing_stream(make_site: SiteFactory) -> None:
+    site = await make_site()
+    await site.cut()
+    await append_log_record(site, "while cut")
+    await site.append(20, devices=2)
+    forwarder = site.forwarder()
+    await asyncio.sleep(2.0)  # many probes, every one "no responders": nothing proven
+    await site.restore()
+    await wait_center(site, 20, timeout=30)
+    await wait_until(lambda: _count_in(site.hub_js, "UP_LOG", 1), 10, "the log entry at the center")
+    await assert_center_has_exactly(site)
+    assert forwarder.stats().dead_lettered == 0
+
+
+async def _count_in(hub_js: JetStreamContext, stream: str, count: int) -> bool:
+    return await center_count(hub_js, stream) >= count
 
 
 # -- full log policies and their alarms ----------------------------------------------------

@@ -162,7 +162,10 @@ def test_queue_skips_the_shippers_own_records_and_other_sites() -> None:
     queue.write("error", rec("other_site", site="s2"))
     queue.write("error", rec("this_site", site="s1"))
     queue.write("error", rec("no_site_bound"))
-    assert [r.message for r in queue.take(10)] == ["this_site", "no_site_bound"]
+    # About a shipped record (the forwarder dead-lettering one): shipping it would loop.
+    queue.write("warning", {**rec("dead_letter"), "subject": "replay.s1.log.warning"})
+    queue.write("warning", {**rec("about_a_reading"), "subject": "replay.s1.reading.d1"})
+    assert [r.message for r in queue.take(10)] == ["this_site", "no_site_bound", "about_a_reading"]
     assert woken == [1]  # woken once: when it stopped being empty
 
 

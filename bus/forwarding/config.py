@@ -21,12 +21,22 @@ class ForwarderConfig:
     # center has no stream for them). The site's own server answers those, so a probe costs
     # the center nothing, and the first one after the link heals gets through at once.
     unreachable_probe_s: float = 0.5
+    # An entry answered "no responders" while a later one of its batch reached the center
+    # this many times is dead-lettered ("no_stream_at_center"): the center has no stream for
+    # it, and retrying it for ever would hold back everything behind it.
+    no_stream_proofs: int = 3
+    # A held head answered "no responders" this long: fetch newer entries too, for one of
+    # another kind to send beside it as a witness (the proof above). Not sooner: in a real
+    # outage that would hold a whole batch in memory instead of one probe.
+    witness_fetch_after_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if not 0 < self.backoff_min_s <= self.backoff_max_s:
             raise ValueError("need 0 < backoff_min_s <= backoff_max_s")
+        if self.no_stream_proofs < 1 or self.witness_fetch_after_s < 0:
+            raise ValueError("need no_stream_proofs >= 1 and witness_fetch_after_s >= 0")
         if self.unreachable_probe_s <= 0:
             raise ValueError("unreachable_probe_s must be positive")
         if self.publish_timeout_s <= 0 or self.fetch_timeout_s <= 0:

@@ -29,10 +29,14 @@ class Unforwardable(Exception):
     """An entry that cannot even be sent (no event id, not a replay subject)."""
 
 
+class NoStreamAtCenter(Exception):
+    """Proven several times: the center is reachable but no stream there stores this subject."""
+
+
 def classify(result: PubAck | BaseException) -> Outcome:
     if isinstance(result, PubAck):
         return Outcome.DUPLICATE if result.duplicate else Outcome.STORED
-    if isinstance(result, Unforwardable | MaxPayloadError):
+    if isinstance(result, Unforwardable | NoStreamAtCenter | MaxPayloadError):
         return Outcome.REJECTED
     if (
         isinstance(result, APIError)
@@ -53,6 +57,23 @@ def describe(error: BaseException) -> str:
 def reached_center(result: PubAck | BaseException) -> bool:
     """A PubAck or a JetStream error reply both prove the center answered."""
     return isinstance(result, PubAck | APIError)
+
+
+def no_stream_despite_link(results: Sequence[PubAck | BaseException]) -> list[int]:
+    """Entries answered "no responders" although a later entry of the same batch reached the
+    center: the link was up (publishes go out in order on one connection), so most likely
+    no stream at the center stores that subject. A cut link fails everything after it too.
+    """
+    found: list[int] = []
+    reached_later = False
+    for index in range(len(results) - 1, -1, -1):
+        result = results[index]
+        if reached_center(result):
+            reached_later = True
+        elif reached_later and isinstance(result, NoStreamResponseError):
+            found.append(index)
+    found.reverse()
+    return found
 
 
 def settled_prefix(outcomes: Sequence[Outcome]) -> int:

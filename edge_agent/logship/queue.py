@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from bus import subjects
 from bus.log import LogTap, level_number
 from edge_agent.logship.records import drops_record, known_level, to_log_record
 from schemas.logs import LEVELS, LogLevel, LogRecord
 
 SHIPPER_COMPONENT = "edge_agent.logship"
+LOG_KIND = "log"  # replay-log kind of shipped records (key = level)
 DEFAULT_CAPACITY = 1000
 
 
@@ -42,7 +44,9 @@ class ShipQueue:
     """Records of one site at or above the ship level, oldest first, at most `capacity`.
 
     Records of the shipper itself are not taken (its own trouble must not feed itself), nor
-    records bound to another site (several agents in one process share the logging setup).
+    records about a shipped log record (e.g. the forwarder dead-lettering one the center has
+    no stream for: shipping that would make another such record, for ever), nor records
+    bound to another site (several agents in one process share the logging setup).
     `write` runs on whichever thread logged; `take` runs on the shipper's event loop.
     """
 
@@ -52,6 +56,7 @@ class ShipQueue:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.site = site
+        self._log_entries = subjects.replay(site, LOG_KIND) + "."
         self.capacity = capacity
         self.tap = LogTap(self.write, level_number(ship_level))
         self.ship_level = ship_level
@@ -78,6 +83,9 @@ class ShipQueue:
     def write(self, level: str, record: Mapping[str, Any]) -> None:
         """The tap: keep a copy of `record` if there is room, else count it as dropped."""
         if record.get("component") == SHIPPER_COMPONENT:
+            return
+        subject = record.get("subject")
+        if isinstance(subject, str) and subject.startswith(self._log_entries):
             return
         site = record.get("site")
         if site is not None and site != self.site:

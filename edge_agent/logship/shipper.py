@@ -15,10 +15,8 @@ from datetime import UTC, datetime
 from bus.client import Bus
 from bus.log import add_tap, get_logger, remove_tap, set_level
 from bus.replaylog import AppendStatus, LogEntry, ReplayLog
-from edge_agent.logship.queue import DEFAULT_CAPACITY, SHIPPER_COMPONENT, ShipQueue
+from edge_agent.logship.queue import DEFAULT_CAPACITY, LOG_KIND, SHIPPER_COMPONENT, ShipQueue
 from schemas.logs import LogConfig, LogRecord
-
-LOG_KIND = "log"
 
 
 @dataclass(frozen=True)
