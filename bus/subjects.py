@@ -366,38 +366,161 @@ def dead_letter_all(scope: str) -> str:
 
 @dataclass(frozen=True)
 class SubjectDoc:
-    """One row of the subject catalogue: the pattern, who publishes, what flows there."""
+    """One row of the subject catalogue: the pattern, who publishes, what flows there
+    (`messages`: the event types, as registered in `schemas`; none for raw or any bytes)."""
 
     pattern: str
     direction: str
     description: str
+    messages: tuple[str, ...] = ()
+
+
+_READING = ("edgebus.device.reading",)
+_ALARM = ("edgebus.alarm.raised", "edgebus.alarm.cleared")
+_LOG = ("edgebus.log.record",)
+_ERROR = ("edgebus.error",)
+_CONTROLLER_OPS = tuple(
+    f"edgebus.controller.{name}"
+    for name in ("sites.add", "sites.added", "sites.change", "sites.changed", "sites.query",
+                 "sites.list", "stats.query", "stats")
+)  # fmt: skip
+_SYNC_OPS = tuple(
+    f"edgebus.sync.{name}"
+    for name in ("set", "set.result", "get", "view", "history.query", "history",
+                 "status.query", "status", "bundle.query", "bundle")
+)  # fmt: skip
+_ALARM_OPS = tuple(
+    f"edgebus.alarm.{name}"
+    for name in ("list", "listed", "summary.query", "summary", "history.query", "history",
+                 "ack", "ack.reply", "stats.query", "stats")
+)  # fmt: skip
 
 
 CATALOGUE: tuple[SubjectDoc, ...] = (
     SubjectDoc("dev.{site}.{device}.{channel}", "device->site", "raw MQTT device payloads"),
-    SubjectDoc("evt.{site}.reading.{device}.{channel}", "site-local", "typed device readings"),
-    SubjectDoc("evt.{site}.alarm", "site-local", "alarms raised and cleared at the site"),
-    SubjectDoc("replay.{site}.{kind}.>", "site-local", "the edge-local replay log"),
-    SubjectDoc("local.{site}.{op}", "local operator->site", "site status, works offline"),
-    SubjectDoc("up.{site}.{kind}.>", "site->center", "replay-log forwarded events"),
+    SubjectDoc(
+        "evt.{site}.reading.{device}.{channel}",
+        "site-local",
+        "typed device readings",
+        _READING,
+    ),
+    SubjectDoc(
+        "evt.{site}.alarm",
+        "site-local",
+        "alarms raised and cleared at the site",
+        _ALARM,
+    ),
+    SubjectDoc(
+        "replay.{site}.{kind}.>",
+        "site-local",
+        "the edge-local replay log",
+        (*_READING, *_ALARM, *_LOG),
+    ),
+    SubjectDoc(
+        "local.{site}.{op}",
+        "local operator->site",
+        "site status, works offline",
+        ("edgebus.site.status.query", "edgebus.site.status.report", *_ERROR),
+    ),
+    SubjectDoc(
+        "up.{site}.{kind}.>",
+        "site->center",
+        "replay-log forwarded events",
+        (*_READING, *_ALARM, *_LOG),
+    ),
     SubjectDoc("down.{site}.{kind}", "center->site", "desired state / commands for one site"),
     SubjectDoc("down.group.{group}.{kind}", "center->sites", "desired state for a group"),
     SubjectDoc("down.all.{kind}", "center->sites", "desired state for every site"),
-    SubjectDoc("up.{site}.heartbeat", "site->center", "heartbeat + inventory (core, not stored)"),
-    SubjectDoc("up.{site}.log.{level}", "site->center", "agent log records (at the ship level+)"),
-    SubjectDoc("ctl.{service}.{op}", "operator->center", "operator requests"),
-    SubjectDoc("ctl.controller.onboard", "site->center", "onboarding with a bootstrap token"),
-    SubjectDoc("center.sites.availability.{site}", "center", "site availability transitions"),
-    SubjectDoc("center.audit.{action}", "center", "audit trail (onboarding, registry changes)"),
-    SubjectDoc("center.alarm.{site}", "center", "alarms the center raises about a site"),
-    SubjectDoc("ctl.alarms.{op}", "operator->center", "alarm list, summary, history, ack"),
-    SubjectDoc("center.alarms.ack.{site}", "center", "operator acknowledgements (stored)"),
-    SubjectDoc("center.alarms.activity.{site}", "center", "flapping / storm summaries (stored)"),
-    SubjectDoc("center.alarms.notice.{site}", "center", "live alarm notices, rate-limited"),
-    SubjectDoc("down.{site}.config", "center->site", "newest effective config of one kind"),
-    SubjectDoc("up.{site}.sync.report", "site->center", "config applied / failed, per kind"),
-    SubjectDoc("up.{site}.sync.pull", "site->center", "request: the site's whole config"),
-    SubjectDoc("center.config.changed.{kind}", "center", "history of accepted config changes"),
+    SubjectDoc(
+        "up.{site}.heartbeat",
+        "site->center",
+        "heartbeat + inventory (core, not stored)",
+        ("edgebus.site.heartbeat",),
+    ),
+    SubjectDoc(
+        "up.{site}.log.{level}",
+        "site->center",
+        "agent log records (at the ship level+)",
+        _LOG,
+    ),
+    SubjectDoc(
+        "ctl.{service}.{op}",
+        "operator->center",
+        "operator requests",
+        (*_CONTROLLER_OPS, *_SYNC_OPS, *_ERROR),
+    ),
+    SubjectDoc(
+        "ctl.controller.onboard",
+        "site->center",
+        "onboarding with a bootstrap token",
+        ("edgebus.controller.onboard", "edgebus.controller.onboarded", *_ERROR),
+    ),
+    SubjectDoc(
+        "center.sites.availability.{site}",
+        "center",
+        "site availability transitions",
+        ("edgebus.site.availability.changed",),
+    ),
+    SubjectDoc(
+        "center.audit.{action}",
+        "center",
+        "audit trail (onboarding, registry changes)",
+        ("edgebus.audit",),
+    ),
+    SubjectDoc(
+        "center.alarm.{site}",
+        "center",
+        "alarms the center raises about a site",
+        _ALARM,
+    ),
+    SubjectDoc(
+        "ctl.alarms.{op}",
+        "operator->center",
+        "alarm list, summary, history, ack",
+        (*_ALARM_OPS, *_ERROR),
+    ),
+    SubjectDoc(
+        "center.alarms.ack.{site}",
+        "center",
+        "operator acknowledgements (stored)",
+        ("edgebus.alarm.acknowledged",),
+    ),
+    SubjectDoc(
+        "center.alarms.activity.{site}",
+        "center",
+        "flapping / storm summaries (stored)",
+        ("edgebus.alarm.notice",),
+    ),
+    SubjectDoc(
+        "center.alarms.notice.{site}",
+        "center",
+        "live alarm notices, rate-limited",
+        ("edgebus.alarm.notice",),
+    ),
+    SubjectDoc(
+        "down.{site}.config",
+        "center->site",
+        "newest effective config of one kind",
+        ("edgebus.sync.desired",),
+    ),
+    SubjectDoc(
+        "up.{site}.sync.report",
+        "site->center",
+        "config applied / failed, per kind",
+        ("edgebus.sync.report",),
+    ),
+    SubjectDoc(
+        "up.{site}.sync.pull",
+        "site->center",
+        "request: the site's whole config",
+        ("edgebus.sync.pull", "edgebus.sync.bundle", *_ERROR),
+    ),
+    SubjectDoc(
+        "center.config.changed.{kind}",
+        "center",
+        "history of accepted config changes",
+        ("edgebus.sync.changed",),
+    ),
     SubjectDoc("_INBOX.{site}.>", "center->site", "replies and PubAcks for one site"),
     SubjectDoc("_INBOX_center.{site}.>", "site->center", "replies to center->site requests"),
     SubjectDoc("_INBOX_bootstrap.{nonce}.>", "center->site", "onboarding replies (bootstrap)"),

@@ -89,6 +89,22 @@ def schemas_export(directory: Path) -> None:
         typer.echo(str(path))
 
 
+@schemas_app.command("asyncapi")
+def schemas_asyncapi(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="write here, not stdout")] = None,
+) -> None:
+    """The AsyncAPI 3.0 document: every subject, the events on it, their JSON Schemas."""
+    from bus.asyncapi import asyncapi_document
+    from schemas import REGISTRY
+
+    text = json.dumps(asyncapi_document(REGISTRY, version=__version__), indent=2) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        typer.echo(str(out))
+
+
 @schemas_app.command("list")
 def schemas_list(as_json: JsonOption = False) -> None:
     """Every registered event type and version."""
