@@ -399,8 +399,9 @@ class Forwarder:
         attempted = [r for r in results if not isinstance(r, Unforwardable)]
         if attempted:
             self._set_link(any(reached_center(result) for result in attempted), attempted)
-        for entry in entries[:settled]:
-            self._no_stream.pop(entry.event_id, None)
+        if self._no_stream:  # rare: only while a "no stream" entry is being proven
+            for entry in entries[:settled]:
+                self._no_stream.pop(entry.event_id, None)
         if settled == len(entries):
             self._succeeded()
             return 0.0
