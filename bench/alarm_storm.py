@@ -43,12 +43,12 @@ from bench.common import (
     machine_info,
     median,
     nats_server,
+    publish_all,
     rate,
 )
 from bus import subjects
 from bus.client import MSG_ID_HEADER, Bus
 from bus.config import NatsConfig
-from bus.jspublish import PipelinedPublisher
 from bus.log import configure_logging
 from bus.streams import ALARMS_KV, ensure_kv, ensure_stream, uplink_stream
 from schemas import REGISTRY, new_event
@@ -113,21 +113,9 @@ def storm_events(plan: list[tuple[str, str, int]]) -> list[tuple[str, bytes, str
 
 async def load_stream(nc: NatsClient, events: list[tuple[str, bytes, str]]) -> float:
     """Store every event in UP_ALARM as forwarders do; seconds taken."""
-    publisher = PipelinedPublisher(nc)
-    await publisher.start()
-    started = time.perf_counter()
-    try:
-        for first in range(0, len(events), 5000):
-            futures = [
-                await publisher.publish(subject, data, {MSG_ID_HEADER: event_id})
-                for subject, data, event_id in events[first : first + 5000]
-            ]
-            failed = [r for r in await publisher.wait(futures, 60) if isinstance(r, Exception)]
-            if failed:
-                raise RuntimeError(f"loading UP_ALARM failed: {failed[0]!r}")
-    finally:
-        await publisher.close()
-    return time.perf_counter() - started
+    return await publish_all(
+        nc, ((subject, data, {MSG_ID_HEADER: event_id}) for subject, data, event_id in events)
+    )
 
 
 async def raw_count(nc: NatsClient, total: int) -> float:

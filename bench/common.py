@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from nats.aio.client import Client as NatsClient
 
+from bus.jspublish import PipelinedPublisher
 from bus.natsserver import NatsServerProcess, NatsServerSpec
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "machine_info",
     "median",
     "nats_server",
+    "publish_all",
     "rate",
     "safe_ratio",
 ]
@@ -185,6 +188,38 @@ def nats_server(
             yield server
         finally:
             server.stop()
+
+
+# A JetStream message to store: subject, payload, headers.
+Stored = tuple[str, bytes, dict[str, str] | None]
+
+
+async def publish_all(
+    nc: NatsClient, messages: Iterable[Stored], *, window: int = 5000, timeout_s: float = 60.0
+) -> float:
+    """Store every message through JetStream, `window` in flight at a time; seconds taken.
+    RuntimeError on the first message the server did not store (set-up must be whole)."""
+    publisher = PipelinedPublisher(nc)
+    await publisher.start()
+    started = time.perf_counter()
+    pending: list[Any] = []
+
+    async def settle() -> None:
+        results = await publisher.wait(pending, timeout_s)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise RuntimeError(f"storing failed: {failed[0]!r}")
+        pending.clear()
+
+    try:
+        for subject, payload, headers in messages:
+            pending.append(await publisher.publish(subject, payload, headers))
+            if len(pending) >= window:
+                await settle()
+        await settle()
+    finally:
+        await publisher.close()
+    return time.perf_counter() - started
 
 
 # -- process CPU / memory -----------------------------------------------------------

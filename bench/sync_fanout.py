@@ -27,14 +27,21 @@ import asyncio
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from bench.common import BenchResult, ResourceSampler, bench_args, machine_info, nats_server
+from bench.common import (
+    BenchResult,
+    ResourceSampler,
+    bench_args,
+    machine_info,
+    nats_server,
+    publish_all,
+)
 from bus import subjects
 from bus.client import Bus
 from bus.config import NatsConfig
-from bus.jspublish import PipelinedPublisher
 from bus.log import configure_logging
 from bus.streams import SITES_KV, ensure_kv
 from edge_agent.simulator import SimulatedFleet, SimulatorConfig
@@ -53,11 +60,8 @@ async def write_registry(bus: Bus, ids: list[str], groups: int) -> float:
     """N onboarded, online records in SITES, as the controller would have left them."""
     await ensure_kv(bus.js, SITES_KV)
     now = datetime.now(UTC)
-    publisher = PipelinedPublisher(bus.nc)
-    await publisher.start()
-    started = time.perf_counter()
-    try:
-        pending = []
+
+    def records() -> Iterator[tuple[str, bytes, None]]:
         for index, site in enumerate(ids):
             record = SiteRecord(
                 site=site,
@@ -68,24 +72,9 @@ async def write_registry(bus: Bus, ids: list[str], groups: int) -> float:
                 onboarded_at=now,
                 last_seen=now,
             )
-            pending.append(
-                await publisher.publish(
-                    f"$KV.{SITES_KV.bucket}.{site}", record.model_dump_json().encode()
-                )
-            )
-            if len(pending) >= PUBLISH_WINDOW:
-                failed = [
-                    r for r in await publisher.wait(pending, 30) if isinstance(r, BaseException)
-                ]
-                if failed:
-                    raise RuntimeError(f"registry write failed: {failed[0]!r}")
-                pending = []
-        failed = [r for r in await publisher.wait(pending, 30) if isinstance(r, BaseException)]
-        if failed:
-            raise RuntimeError(f"registry write failed: {failed[0]!r}")
-    finally:
-        await publisher.close()
-    return time.perf_counter() - started
+            yield f"$KV.{SITES_KV.bucket}.{site}", record.model_dump_json().encode(), None
+
+    return await publish_all(bus.nc, records(), window=PUBLISH_WINDOW, timeout_s=30)
 
 
 async def broadcast_baseline(fleet: SimulatedFleet, center: Bus, sites: int) -> float:
