@@ -5,7 +5,6 @@ Requests go to the alarms service (`ctl.alarms.<op>`); rendering is plain functi
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -92,38 +91,17 @@ def _call(
     server: str, credentials: Path | None, work: Callable[[Bus], Awaitable[T]], timeout: float
 ) -> T:
     """Run one alarms request against the center; failures exit with a clear message."""
-    from nats.errors import NoRespondersError
-    from nats.errors import TimeoutError as NatsTimeoutError
-    from pydantic import ValidationError
+    from edgebus.center import call_center
 
-    from bus.client import RemoteError
-    from edgebus.center import connect_center
-
-    async def run() -> T:
-        bus = await connect_center(server, name="edgebus-alarms-cli", credentials=credentials)
-        try:
-            return await asyncio.wait_for(work(bus), timeout)
-        finally:
-            await bus.close()
-
-    try:
-        return asyncio.run(run())
-    except AlarmsCommandError as exc:
-        err_console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        err_console.print(f"[red]invalid input:[/red] {problems}")
-        raise typer.Exit(2) from None
-    except ConnectionError as exc:
-        err_console.print(f"[red]cannot reach the center:[/red] {exc}")
-        raise typer.Exit(2) from None
-    except (NoRespondersError, NatsTimeoutError, TimeoutError):
-        err_console.print(f"[red]no alarms service answered at {server}[/red] (is one running?)")
-        raise typer.Exit(2) from None
-    except RemoteError as exc:
-        err_console.print(f"[red]refused:[/red] {exc}")
-        raise typer.Exit(1) from None
+    return call_center(
+        server,
+        work,
+        service="alarms service",
+        command_error=AlarmsCommandError,
+        credentials=credentials,
+        timeout=timeout,
+        name="edgebus-alarms-cli",
+    )
 
 
 async def _request(bus: Bus, op: str, data: EventData, reply: type[R], timeout: float) -> R:

@@ -5,8 +5,11 @@ Used by `edgebus center run` and the demo; production runs a NATS cluster instea
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from bus import subjects
 from bus.client import Bus
@@ -21,6 +24,8 @@ from bus.streams import (
     site_events_center_stream,
     uplink_stream,
 )
+
+T = TypeVar("T")
 
 
 def start_center_server(data_dir: Path, *, extra_config: str = "") -> NatsServerProcess:
@@ -59,3 +64,52 @@ async def connect_center(
     return await Bus.connect(
         NatsConfig.from_url(url, name=name, connect_timeout_s=5.0, credentials=credentials)
     )
+
+
+def call_center(
+    server: str,
+    work: Callable[[Bus], Awaitable[T]],
+    *,
+    service: str,
+    command_error: type[Exception],
+    credentials: Path | None = None,
+    timeout: float | None = None,
+    name: str = "edgebus-cli",
+) -> T:
+    """Run one operator request against the center for the CLI; every failure exits with a
+    clear message: code 2 for bad input, no center or no `service` answering, 1 if refused."""
+    import typer
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeoutError
+    from pydantic import ValidationError
+    from rich.console import Console
+
+    from bus.client import RemoteError
+
+    err = Console(stderr=True)
+
+    async def run() -> T:
+        bus = await connect_center(server, name=name, credentials=credentials)
+        try:
+            return await asyncio.wait_for(work(bus), timeout)
+        finally:
+            await bus.close()
+
+    try:
+        return asyncio.run(run())
+    except command_error as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        err.print(f"[red]invalid input:[/red] {problems}")
+        raise typer.Exit(2) from None
+    except RemoteError as exc:
+        err.print(f"[red]refused:[/red] {exc}")
+        raise typer.Exit(1) from None
+    except ConnectionError as exc:
+        err.print(f"[red]cannot reach the center:[/red] {exc}")
+        raise typer.Exit(2) from None
+    except (NoRespondersError, NatsTimeoutError, TimeoutError):
+        err.print(f"[red]no {service} answered at {server}[/red] (is one running?)")
+        raise typer.Exit(2) from None

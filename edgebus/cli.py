@@ -430,39 +430,12 @@ TimeoutOption = Annotated[float, typer.Option(help="seconds to wait for the cont
 
 def _sites_call(server: str, work: Callable[[Bus], Awaitable[T]], timeout: float) -> T:
     """Run one controller request against the center; failures exit with a clear message."""
-    from nats.errors import NoRespondersError
-    from nats.errors import TimeoutError as NatsTimeoutError
-    from pydantic import ValidationError
-
-    from bus.client import RemoteError
-    from edgebus.center import connect_center
+    from edgebus.center import call_center
     from edgebus.sites import SitesCommandError
 
-    async def run() -> T:
-        bus = await connect_center(server)
-        try:
-            return await asyncio.wait_for(work(bus), timeout)
-        finally:
-            await bus.close()
-
-    try:
-        return asyncio.run(run())
-    except SitesCommandError as exc:
-        err_console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        err_console.print(f"[red]invalid input:[/red] {problems}")
-        raise typer.Exit(2) from None
-    except ConnectionError as exc:
-        err_console.print(f"[red]cannot reach the center:[/red] {exc}")
-        raise typer.Exit(2) from None
-    except (NoRespondersError, NatsTimeoutError, TimeoutError):
-        err_console.print(f"[red]no controller answered at {server}[/red] (is one running?)")
-        raise typer.Exit(2) from None
-    except RemoteError as exc:
-        err_console.print(f"[red]refused:[/red] {exc}")
-        raise typer.Exit(1) from None
+    return call_center(
+        server, work, service="controller", command_error=SitesCommandError, timeout=timeout
+    )
 
 
 def _print_record(record: SiteRecord, as_json: bool) -> None:

@@ -5,7 +5,6 @@ Values on the command line are JSON when they parse as JSON (`3`, `true`, `[1]`)
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -219,38 +218,11 @@ async def sync_column(bus: Bus, sites: Sequence[str], timeout: float = 2.0) -> d
 
 def _call(server: str, creds: Path | None, work: Callable[[Bus], Awaitable[T]]) -> T:
     """One request to the sync service; failures exit with a clear message."""
-    from nats.errors import NoRespondersError
-    from nats.errors import TimeoutError as NatsTimeoutError
-    from pydantic import ValidationError
+    from edgebus.center import call_center
 
-    from bus.client import RemoteError
-    from edgebus.center import connect_center
-
-    async def run() -> T:
-        bus = await connect_center(server, credentials=creds)
-        try:
-            return await work(bus)
-        finally:
-            await bus.close()
-
-    try:
-        return asyncio.run(run())
-    except ConfigCommandError as exc:
-        err_console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        err_console.print(f"[red]invalid input:[/red] {problems}")
-        raise typer.Exit(2) from None
-    except RemoteError as exc:
-        err_console.print(f"[red]refused:[/red] {exc}")
-        raise typer.Exit(1) from None
-    except ConnectionError as exc:
-        err_console.print(f"[red]cannot reach the center:[/red] {exc}")
-        raise typer.Exit(2) from None
-    except (NoRespondersError, NatsTimeoutError, TimeoutError):
-        err_console.print(f"[red]no sync service answered at {server}[/red] (is one running?)")
-        raise typer.Exit(2) from None
+    return call_center(
+        server, work, service="sync service", command_error=ConfigCommandError, credentials=creds
+    )
 
 
 def _print_json(document: Any) -> None:
