@@ -40,8 +40,8 @@ from bus.forwarding.outcomes import (
     settled_prefix,
 )
 from bus.forwarding.puller import Puller, PullError
+from bus.forwarding.sender import CenterSender, Outgoing
 from bus.forwarding.stats import BacklogStats, ForwarderStats, RateMeter
-from bus.jspublish import PipelinedPublisher
 from bus.log import get_logger
 from bus.replaylog import EVENT_ID_HEADER, FORWARDER_CONSUMER, MSG_ID_HEADER, STREAM
 
@@ -79,6 +79,9 @@ class _Entry:
     seq: int
     gap: int  # entries missing (dropped) between the previous settled one and this one
     event_id: str
+    # Never sent to the center by anyone (first delivery, not re-sent by us): it cannot be a
+    # duplicate there, so it may go in a fast batch, whose acks do not tell duplicates apart.
+    fresh: bool = True
 
     @property
     def kind(self) -> str:
@@ -122,7 +125,7 @@ class Forwarder:
         self._js: JetStreamContext = nc.jetstream()
         self._dead_letters = dead_letters or DeadLetterSink(self._js, self.site)
         self._filter = subjects.replay_all(self.site)
-        self._publisher = PipelinedPublisher(nc)
+        self._sender = CenterSender(nc, self.config, self.site)
         self._puller = Puller(nc, STREAM, FORWARDER_CONSUMER)
         self._log = get_logger("forwarder", site=self.site)
         # Highest stream sequence settled (forwarded, dead-lettered or known dropped); every
@@ -173,6 +176,7 @@ class Forwarder:
             fetches=self._fetches,
             pulls=self._pulls,
             publishes=self._publishes,
+            batched=self._sender.batched,
             redelivery_waits=self._redelivery_waits,
             probing=self._probing,
         )
@@ -213,7 +217,7 @@ class Forwarder:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Forward until `stop` is set; never raises for link, center or log failures."""
-        await self._publisher.start()
+        await self._sender.start()
         await self._puller.start()
         self._rate = RateMeter()
         self._log.info("forwarder_started", batch_size=self.config.batch_size)
@@ -231,7 +235,7 @@ class Forwarder:
             await self._nak_all([entry.msg for entry in self._held])
             self._held = []
             await self._puller.close()
-            await self._publisher.close()
+            await self._sender.close()
             self._log.info("forwarder_stopped", forwarded=self._forwarded)
 
     # -- one iteration -----------------------------------------------------------------
@@ -344,32 +348,16 @@ class Forwarder:
                     return ready, oldest.seq
             headers = msg.headers or {}
             event_id = headers.get(EVENT_ID_HEADER) or headers.get(MSG_ID_HEADER) or ""
-            ready.append(_Entry(msg, seq, gap, event_id))
+            ready.append(_Entry(msg, seq, gap, event_id, fresh=_first_delivery(msg)))
             previous = seq
         return ready, 0
 
     async def _forward(self, entries: list[_Entry]) -> float:
         """Publish `entries` (the oldest in hand), ack the settled prefix, hold the rest."""
-        futures: list[asyncio.Future[PubAck]] = []
-        for entry in entries:
-            try:
-                if not entry.event_id:
-                    raise Unforwardable("entry has no event id header")
-                subject = subjects.replay_to_up(entry.msg.subject)
-            except (Unforwardable, subjects.SubjectError) as exc:
-                futures.append(_failed_future(Unforwardable(str(exc))))
-                continue
-            futures.append(
-                await self._publisher.publish(
-                    subject, entry.msg.data, {MSG_ID_HEADER: entry.event_id}
-                )
-            )
         self._publishes += len(entries)
         self._inflight = entries
         try:
-            results = self._prove_missing_streams(
-                entries, await self._publisher.wait(futures, self.config.publish_timeout_s)
-            )
+            results = self._prove_missing_streams(entries, await self._send(entries))
             outcomes = [classify(result) for result in results]
             settled = settled_prefix(outcomes)
             self._check_order(entries, outcomes)
@@ -416,6 +404,28 @@ class Forwarder:
                 f"entry seq {entries[settled].seq} not forwarded: {describe(error)}", error
             )
         return self._failure(f"entry seq {entries[settled].seq}: dead-letter store failed")
+
+    async def _send(self, entries: list[_Entry]) -> list[PubAck | BaseException]:
+        """Publish every entry; results in entry order (see `CenterSender`)."""
+        results: list[PubAck | BaseException | None] = [None] * len(entries)
+        outgoing: list[Outgoing] = []
+        positions: list[int] = []
+        for index, entry in enumerate(entries):
+            try:
+                if not entry.event_id:
+                    raise Unforwardable("entry has no event id header")
+                subject = subjects.replay_to_up(entry.msg.subject)
+            except (Unforwardable, subjects.SubjectError) as exc:
+                results[index] = Unforwardable(str(exc))
+                continue
+            outgoing.append(
+                Outgoing(subject, entry.msg.data, entry.event_id, entry.kind, entry.fresh)
+            )
+            positions.append(index)
+            entry.fresh = False  # from now on a re-send: one by one, duplicates counted
+        for index, result in zip(positions, await self._sender.send(outgoing), strict=True):
+            results[index] = result
+        return [r if r is not None else RuntimeError("not sent") for r in results]
 
     def _prove_missing_streams(
         self, entries: list[_Entry], results: list[PubAck | BaseException]
@@ -564,6 +574,16 @@ class _StoredHead:
     time: datetime | None
 
 
+def _first_delivery(msg: Msg) -> bool:
+    """Delivered for the first time (the delivery count in its ack subject is 1)."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9 and tokens[1] == "ACK":
+        return tokens[4] == "1"
+    if len(tokens) >= 11 and tokens[1] == "ACK":
+        return tokens[6] == "1"
+    return int(msg.metadata.num_delivered or 0) == 1
+
+
 def _stream_seq(msg: Msg) -> int:
     """The entry's stream sequence, read straight from its ack subject (hot path)."""
     tokens = (msg.reply or "").split(".")
@@ -578,9 +598,3 @@ def _stream_seq(msg: Msg) -> int:
 
 def _as_error(result: PubAck | BaseException) -> BaseException:
     return result if isinstance(result, BaseException) else RuntimeError(str(result))
-
-
-def _failed_future(exc: BaseException) -> asyncio.Future[PubAck]:
-    future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
-    future.set_exception(exc)
-    return future

@@ -38,6 +38,8 @@ class StreamSpec:
     discard_new: bool = False
     memory: bool = False
     work_queue: bool = False
+    # JetStream fast-ingest batches (nats-server 2.14+): the forwarder's cheap path.
+    allow_batched: bool = False
     description: str = ""
 
     def to_config(self) -> StreamConfig:
@@ -57,6 +59,7 @@ class StreamSpec:
             max_msgs_per_subject=self.max_msgs_per_subject,
             discard=DiscardPolicy.NEW if self.discard_new else DiscardPolicy.OLD,
             duplicate_window=window,
+            allow_batched=True if self.allow_batched else None,
         )
 
 
@@ -182,6 +185,7 @@ def uplink_stream(kind: str, *, max_age_s: float = 7 * DAY_S, max_bytes: int = -
         max_age_s=max_age_s,
         max_bytes=max_bytes,
         duplicate_window_s=UPLINK_DUPLICATE_WINDOW_S,
+        allow_batched=True,
         description=f"{kind} events forwarded from sites",
     )
 

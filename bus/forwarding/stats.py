@@ -30,6 +30,7 @@ class ForwarderStats:
     fetches: int  # non-empty batches pulled from the log
     pulls: int  # pull requests, empty long polls included (an idle log: one per fetch_timeout)
     publishes: int  # publish attempts to the center, retries included
+    batched: int  # of those, sent in JetStream fast batches (fresh entries, one ack per flow)
     redelivery_waits: int  # times an older entry was still held by a dead forwarder
     probing: bool  # after a failure: one entry at a time until one gets through
 
