@@ -71,6 +71,7 @@ DEAD_LETTER_COMPONENT = "forwarder"
 DEAD_LETTER_REASON = "rejected_by_center"
 NO_STREAM_REASON = "no_stream_at_center"
 EXTEND_FETCH_S = 0.2  # how long to wait for newer entries behind a head with no stream
+PURGE_AT_LEAST = 8  # settled entries removed with one purge rather than an ack each
 
 
 @dataclass(slots=True)
@@ -362,16 +363,7 @@ class Forwarder:
             settled = settled_prefix(outcomes)
             self._check_order(entries, outcomes)
             settled = await self._dead_letter_rejected(entries, results, outcomes, settled)
-            acked = 0
-            for entry in entries[:settled]:
-                try:
-                    await entry.msg.ack()
-                except Exception as exc:  # not even queued (connection closed): see below
-                    self._log.warning("local_ack_failed", seq=entry.seq, error=repr(exc))
-                    break
-                acked += 1
-                self._dropped += entry.gap
-                self._watermark = entry.seq
+            acked = await self._remove_settled(entries[:settled])
             # `entries` is either the head of what we hold or a fresh batch (nothing held).
             # Unacked entries stay in hand and go first next time; an entry whose ack could
             # not be queued is sent again (a duplicate the center absorbs).
@@ -426,6 +418,43 @@ class Forwarder:
         for index, result in zip(positions, await self._sender.send(outgoing), strict=True):
             results[index] = result
         return [r if r is not None else RuntimeError("not sent") for r in results]
+
+    async def _remove_settled(self, entries: list[_Entry]) -> int:
+        """Take settled entries (the next ones in stream order) off the log, moving the
+        watermark over them; returns how many, a prefix.
+
+        A run of them goes with one purge below the last instead of an ack each: every
+        entry below it is settled (this forwarder goes in stream order and is the work
+        queue's only consumer), and JetStream moves the consumer's ack floor with it.
+        Measured: fewer protocol messages and deletes at the agent and the site's server.
+        A failed purge falls back to acks (a lost one: the entries come back after
+        ack_wait, below the watermark, and are settled again without a re-send).
+        """
+        if len(entries) >= PURGE_AT_LEAST:
+            last = entries[-1]
+            try:
+                await self._js.purge_stream(STREAM, seq=last.seq + 1)
+            except Exception as exc:
+                self._log.warning("local_purge_failed", seq=last.seq, error=repr(exc))
+            else:
+                self._passed(entries)
+                return len(entries)
+        acked = 0
+        for entry in entries:
+            try:
+                await entry.msg.ack()
+            except Exception as exc:  # not even queued (connection closed)
+                self._log.warning("local_ack_failed", seq=entry.seq, error=repr(exc))
+                break
+            acked += 1
+        self._passed(entries[:acked])
+        return acked
+
+    def _passed(self, entries: list[_Entry]) -> None:
+        for entry in entries:
+            self._dropped += entry.gap
+        if entries:
+            self._watermark = entries[-1].seq
 
     def _prove_missing_streams(
         self, entries: list[_Entry], results: list[PubAck | BaseException]

@@ -541,6 +541,27 @@ async def test_a_center_without_fast_batches_gets_everything_one_by_one(
     assert (stats.forwarded, stats.stored_at_center, stats.duplicates_at_center) == (1200, 1200, 0)
 
 
+async def test_a_log_that_refuses_purges_is_acked_entry_by_entry(make_site: SiteFactory) -> None:
+    """Settled runs leave the log with one purge; where that is refused (a stream with
+    deny_purge, say), entries are acked one by one and nothing else changes."""
+    site = await make_site()
+    site_js = site.nc.jetstream()
+    info = await site_js.stream_info("REPLAY")
+    info.config.deny_purge = True
+    await site_js.update_stream(config=info.config)
+    with pytest.raises(APIError):  # the fallback is what is tested here
+        await site_js.purge_stream("REPLAY")
+    await site.append(1500, devices=15)
+    forwarder = site.forwarder()
+    await wait_center(site, 1500)
+    await assert_center_has_exactly(site)
+    assert_clean(forwarder.stats())
+    backlog = await forwarder.backlog()
+    assert (backlog.depth, backlog.messages, backlog.dropped) == (0, 0, 0)
+    consumer = await site_js.consumer_info("REPLAY", "forwarder")
+    assert consumer.ack_floor is not None and consumer.ack_floor.stream_seq == 1500
+
+
 async def append_log_record(site: Site, message: str) -> None:
     record = LogRecord(
         site=SITE, level=LogLevel.WARNING, logger="test", message=message, timestamp=utc_now()
