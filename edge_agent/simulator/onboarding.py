@@ -122,9 +122,7 @@ class FleetOnboarding:
         adders = [
             asyncio.create_task(self._adder(batches, queue)) for _ in range(c.add_concurrency)
         ]
-        workers = [
-            asyncio.create_task(self._worker(queue)) for _ in range(c.onboard_concurrency)
-        ]
+        workers = [asyncio.create_task(self._worker(queue)) for _ in range(c.onboard_concurrency)]
         try:
             await asyncio.gather(*adders)
             for _ in workers:

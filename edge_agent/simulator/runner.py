@@ -92,8 +92,10 @@ async def simulate(
                     break
                 if silence_at is not None and now >= silence_at:
                     silenced = fleet.silence(fleet.spread(silence.count))
-                    report(f"silenced {len(silenced)} sites: {', '.join(silenced[:10])}"
-                           + (" ..." if len(silenced) > 10 else ""))
+                    report(
+                        f"silenced {len(silenced)} sites: {', '.join(silenced[:10])}"
+                        + (" ..." if len(silenced) > 10 else "")
+                    )
                     silence_at = None
                     if silence.for_s is not None:
                         resume_at = now + silence.for_s
