@@ -10,7 +10,6 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -20,6 +19,7 @@ from nats.js.api import PubAck
 from bus.config import NatsConfig
 from bus.deadletter import DeadLetterSink
 from bus.log import get_logger
+from bus.natsclient import EdgebusNatsClient
 from schemas import REGISTRY, Event, EventData, EventDecodeError, EventRegistry, new_event
 from schemas.common import ErrorReply
 from schemas.wire import encode_new_event
@@ -89,10 +89,12 @@ async def open_connection(config: NatsConfig, **callbacks: Any) -> NatsClient:
             await user_error_cb(exc)
 
     try:
-        return await asyncio.wait_for(
-            nats.connect(**connect_options(config), error_cb=remember_error, **callbacks),
+        nc = EdgebusNatsClient()
+        await asyncio.wait_for(
+            nc.connect(**connect_options(config), error_cb=remember_error, **callbacks),
             timeout=config.connect_timeout_s,
         )
+        return nc
     except Exception as exc:
         log.error("connect_failed", servers=config.servers, error=repr(exc))
         # wait_for's TimeoutError has an empty message: say what it means.

@@ -1,0 +1,36 @@
+"""The nats-py client every `bus` connection uses: nats-py's own, with a cheaper header parser.
+
+nats-py 2.16 checks each header name for whitespace one character at a time in Python; on
+the forwarder's hot path (two headers per replay-log entry) that was ~1 µs of ~17 per entry.
+"""
+
+from __future__ import annotations
+
+import re
+
+from nats.aio.client import Client
+
+_CRLF = b"\r\n"
+# On an ASCII-decoded name, `\s` matches exactly what `str.isspace` does (checked for all
+# 128 characters in tests/test_natsclient.py).
+_WHITESPACE = re.compile(r"\s")
+
+
+class EdgebusNatsClient(Client):
+    """nats-py's `Client`; only `_parse_header_lines` differs, giving the same result."""
+
+    @staticmethod
+    def _parse_header_lines(raw: bytes) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for line in raw.split(_CRLF):
+            name, sep, value = line.partition(b":")
+            if not sep:  # also an empty line
+                continue
+            try:
+                key = name.strip().decode("ascii")
+            except UnicodeDecodeError:
+                continue
+            if _WHITESPACE.search(key) is not None:
+                continue
+            out[key] = value.strip().decode("utf-8", "replace")
+        return out
