@@ -1,7 +1,7 @@
 """The nats-py client every `bus` connection uses: nats-py's own, with a cheaper header parser.
 
-nats-py 2.16 checks each header name for whitespace one character at a time in Python; on
-the forwarder's hot path (two headers per replay-log entry) that was ~1 µs of ~17 per entry.
+nats-py 2.16 checks each header name for whitespace one character at a time in Python:
+measured 1.54 µs per two-header block (a replay-log entry's) against 0.86 µs here.
 """
 
 from __future__ import annotations
