@@ -53,6 +53,11 @@ def parser() -> argparse.ArgumentParser:
         help="longest pause between the forwarder's retries while the center is unreachable",
     )
     p.add_argument("--max-payload-bytes", type=int, default=IngestLimits().max_payload_bytes)
+    p.add_argument(
+        "--message-id-field",
+        default=None,
+        help="payload field a device sets uniquely per message: QoS 1 re-sends dedup on it",
+    )
     p.add_argument("--credentials", type=Path, help="NATS credentials file for the site server")
     p.add_argument(
         "--heartbeat-interval-s", type=float, default=30.0, help="seconds between heartbeats"
@@ -98,7 +103,9 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         site=subjects.site_id(args.site),
         nats_url=args.nats,
         data_dir=args.data_dir,
-        ingest=IngestLimits(max_payload_bytes=args.max_payload_bytes),
+        ingest=IngestLimits(
+            max_payload_bytes=args.max_payload_bytes, message_id_field=args.message_id_field
+        ),
         replay=replay,
         external_broker=ExternalBroker.from_url(args.mqtt_broker) if args.mqtt_broker else None,
         credentials=args.credentials,

@@ -246,7 +246,12 @@ class EdgeAgent:
 
         async def ingest(config: IngestConfig) -> None:
             assert self.ingest is not None
-            self.ingest.set_limits(IngestLimits(max_payload_bytes=config.max_payload_bytes))
+            self.ingest.set_limits(
+                IngestLimits(
+                    max_payload_bytes=config.max_payload_bytes,
+                    message_id_field=config.message_id_field,
+                )
+            )
 
         async def replay(config: ReplayLogConfig) -> None:
             assert self._replay_log is not None and self.monitor is not None

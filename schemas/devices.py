@@ -37,3 +37,13 @@ class IngestConfig(BaseModel):
     max_payload_bytes: int = Field(
         default=64 * 1024, ge=64, le=1024 * 1024, description="larger payloads are dead-lettered"
     )
+    message_id_field: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description=(
+            "payload field a device sets uniquely per message (a UUID, or boot id + counter):"
+            " a message re-sent with the same value within 10 minutes (QoS 1 after a lost"
+            " PUBACK) is dropped as a duplicate instead of becoming a second reading"
+        ),
+    )

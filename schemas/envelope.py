@@ -121,4 +121,3 @@ def new_event(
         attributes["correlationid"] = correlation_id
     event: Event[DataT] = envelope.__pydantic_validator__.validate_python(attributes)
     return event
-

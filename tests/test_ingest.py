@@ -568,3 +568,37 @@ async def test_agent_survives_a_site_server_restart(rig: SiteRig, agents: AgentR
         await device.disconnect()
     assert local.seqs() == list(range(11))
     assert agent.ready.is_set()
+
+
+async def test_a_resent_device_message_with_its_own_id_is_a_duplicate_not_a_reading(
+    rig: SiteRig, agents: AgentRunner
+) -> None:
+    """What a QoS 1 re-send after a lost PUBACK looks like to the site: the same message
+    again. With `message_id_field` set, the device's own id dedups it in the replay log."""
+    config = replace(
+        agent_config(rig.site, rig.tmp / "agent"),
+        ingest=IngestLimits(max_payload_bytes=MAX_PAYLOAD, message_id_field="msg"),
+    )
+    agent = await agents.start(config)
+    sends = [("d1", "a-1"), ("d1", "a-2"), ("d1", "a-1"), ("d2", "a-1"), ("d1", "a-2")]
+    for n, (device, msg_id) in enumerate(sends):
+        await rig.publish(device, "temp", reading(n, msg=msg_id))
+    await rig.publish("d1", "temp", reading(99))  # no id: the INGEST sequence dedups it
+
+    assert agent.ingest is not None
+
+    def settled() -> bool:
+        stats = agent.ingest.stats() if agent.ingest else None
+        return stats is not None and stats.received == len(sends) + 1
+
+    await wait_until(settled, 10, "every message ingested")
+    await wait_until(lambda: _has(rig.hub_js, 4), 15, "the distinct readings at the center")
+    await asyncio.sleep(0.5)  # a duplicate forwarded late would show up as a fifth
+    center = await center_readings(rig.hub_js)
+    assert sorted((e.data.device, e.data.payload.get("msg", "")) for e in center) == [
+        ("d1", ""), ("d1", "a-1"), ("d1", "a-2"), ("d2", "a-1")
+    ]  # fmt: skip
+    # The first of each id is the one kept (payload seq 0, 1, 3).
+    assert sorted(e.data.payload["seq"] for e in center) == [0, 1, 3, 99]
+    stats = agent.ingest.stats()
+    assert (stats.ingested, stats.duplicates) == (4, 2)

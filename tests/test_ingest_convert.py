@@ -15,6 +15,7 @@ from edge_agent.ingest.bridge import ingest_subject_for_topic
 from edge_agent.ingest.convert import (
     IngestLimits,
     Rejection,
+    device_message_key,
     device_time_of,
     reading_from_device_message,
 )
@@ -268,3 +269,26 @@ def test_gate_hands_on_late_redeliveries_at_once_and_dedupes_copies() -> None:
     assert gate.release() == ["late"]
     gate.offer(10, "m10")
     assert gate.release() == ["m10", "new-copy"]
+
+
+def _reading(device: str = "d1", channel: str = "t", **payload: object) -> DeviceReading:
+    return DeviceReading(site="s1", device=device, channel=channel, payload=payload)
+
+
+def test_device_message_key_dedups_a_resent_message_and_nothing_else() -> None:
+    key = device_message_key(_reading(msg="a-1", v=1), "msg")
+    assert key is not None and key.startswith("dev-")
+    assert device_message_key(_reading(msg="a-1", v=2), "msg") == key  # a re-send
+    assert device_message_key(_reading(device="d2", msg="a-1"), "msg") != key
+    assert device_message_key(_reading(channel="h", msg="a-1"), "msg") != key
+    assert device_message_key(_reading(msg="a-2"), "msg") != key
+    assert device_message_key(_reading(msg=7), "msg") != device_message_key(
+        _reading(msg="7"), "msg"
+    )
+
+
+def test_device_message_key_falls_back_when_there_is_no_usable_id() -> None:
+    assert device_message_key(_reading(msg="a-1"), None) is None  # not configured
+    assert device_message_key(_reading(other=1), "msg") is None  # absent
+    for value in (True, 1.5, None, {"a": 1}, [1]):
+        assert device_message_key(_reading(msg=value), "msg") is None, value

@@ -175,11 +175,20 @@ async def test_layers_reach_exactly_the_targeted_sites(fleet: Fleet) -> None:
     assert s3.sync is not None and s3.sync.stats["received"] == received["s3"] + 1
 
     view = await get_config(fleet.operator, ConfigGet(kind="ingest", site="s1"))
-    assert view.effective == {"max_payload_bytes": 3000}
+    assert view.effective == {"max_payload_bytes": 3000, "message_id_field": None}
     assert [layer.target.scope for layer in view.layers] == ["all", "group", "site"]
     history = await config_history(fleet.operator, ConfigHistoryQuery(kind="ingest"))
     assert [c.values["max_payload_bytes"] for c in history.changes] == [1000, 2000, 3000, 4000]
     assert [c.changed_sites for c in history.changes] == [3, 2, 1, 1]
+
+    # Another key of the same kind reaches the running ingest too (QoS 1 re-send dedup).
+    await fleet.set("ingest", site, message_id_field="msg")
+
+    def dedup_field(agent: EdgeAgent) -> str | None:
+        return agent.ingest.limits.message_id_field if agent.ingest else None
+
+    await wait_until(lambda: dedup_field(s1) == "msg", 15, "message id field not applied")
+    assert dedup_field(s2) is None and dedup_field(s3) is None
 
 
 async def test_a_preview_shows_which_sites_change_and_how(fleet: Fleet) -> None:
@@ -305,7 +314,7 @@ async def test_a_new_site_gets_its_whole_config_at_onboarding(fleet: Fleet) -> N
     assert limit(agent) == 777
     assert agent.sync is not None
     assert {k: r.config for k, r in agent.sync.store.running.items()} == {
-        "ingest": {"max_payload_bytes": 777},
+        "ingest": {"max_payload_bytes": 777, "message_id_field": None},
         "replay": {
             "max_bytes": 32 * 1024 * 1024,
             "max_age_s": 7 * 24 * 3600.0,
@@ -381,7 +390,8 @@ async def test_the_config_and_sync_commands(fleet: Fleet) -> None:
     assert code == 2 and "choose one target" in err
 
     code, out, err = await edgebus(fleet, "config", "get", "ingest", "--site", "s1", "--effective")
-    assert code == 0 and json.loads(out) == {"max_payload_bytes": 2048}, err
+    effective = {"max_payload_bytes": 2048, "message_id_field": None}
+    assert code == 0 and json.loads(out) == effective, err
     code, out, err = await edgebus(fleet, "config", "history", "--json")
     assert code == 0 and [c["rev"] for c in json.loads(out)["changes"]] == [result["rev"]]
 

@@ -5,6 +5,8 @@ Pure functions over bytes and strings: no I/O, tested without any server.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +25,7 @@ _EPOCH_MS_THRESHOLD = 100_000_000_000  # numbers above this are milliseconds, no
 @dataclass(frozen=True)
 class IngestLimits:
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    message_id_field: str | None = None  # see `device_message_key`
 
 
 @dataclass(frozen=True)
@@ -85,3 +88,20 @@ def _parse_device_time(key: str, value: Any) -> datetime | Rejection:
         raise ValueError(f"unsupported type {type(value).__name__}")
     except (ValueError, OverflowError, OSError) as exc:
         return Rejection("device_time", f"bad device timestamp in {key!r}: {exc}")
+
+
+def device_message_key(reading: DeviceReading, field: str | None) -> str | None:
+    """The replay log's dedup key of a device's own message id (`field` in its payload), or
+    None (no field configured, absent, or not a string / integer): a re-sent message then
+    dedups against the first one instead of becoming a second reading.
+
+    Scoped to (device, channel), so per-channel counters are safe; hashed, so any id is a
+    valid `Nats-Msg-Id`.
+    """
+    if field is None:
+        return None
+    value = reading.payload.get(field)
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    identity = json.dumps([reading.device, reading.channel, value]).encode()
+    return f"dev-{hashlib.blake2b(identity, digest_size=16).hexdigest()}"

@@ -25,7 +25,12 @@ from bus.pullfeed import PullFeed
 from bus.replaylog import AppendResult, AppendStatus, LogEntry, ReplayLog
 from bus.streams import site_ingest_stream
 from edge_agent.config import AgentConfig
-from edge_agent.ingest.convert import IngestLimits, Rejection, reading_from_device_message
+from edge_agent.ingest.convert import (
+    IngestLimits,
+    Rejection,
+    device_message_key,
+    reading_from_device_message,
+)
 from edge_agent.ingest.ordering import SequenceGate
 from schemas import REGISTRY, Event
 
@@ -198,7 +203,11 @@ class IngestWorker:
     def set_limits(self, limits: IngestLimits) -> None:
         """New limits for every message converted from now on."""
         self.limits = limits
-        self._log.info("ingest_limits_applied", max_payload_bytes=limits.max_payload_bytes)
+        self._log.info(
+            "ingest_limits_applied",
+            max_payload_bytes=limits.max_payload_bytes,
+            message_id_field=limits.message_id_field,
+        )
 
     def device_count(self) -> int:
         """Distinct devices seen since start, at most `MAX_TRACKED_DEVICES` (cheap)."""
@@ -329,13 +338,15 @@ class IngestWorker:
         self._counters.see_device(device)
         event: Event[Any] = self.bus.event(outcome, subject=f"{device}/{channel}")
         payload = REGISTRY.encode(event)
+        # The device's own message id if it sends one (a QoS 1 re-send is then a duplicate),
+        # else the raw message's stream sequence: re-ingesting it after a crash (append done,
+        # ack lost) is a duplicate in the replay log, not a second reading.
+        dedup_id = device_message_key(outcome, self.limits.message_id_field)
         entry = LogEntry(
             kind=READING_KIND,
             key=device,
             event=event,
-            # The raw message's stream sequence: re-ingesting it after a crash (append
-            # done, ack lost) is a duplicate in the replay log, not a second reading.
-            dedup_id=f"ingest-{stream_seq}",
+            dedup_id=dedup_id or f"ingest-{stream_seq}",
             encoded=payload,
         )
         return _Accepted(msg, entry, self._local_subject(device, channel), payload)
