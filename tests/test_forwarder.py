@@ -467,20 +467,29 @@ async def test_stopped_forwarder_hands_back_what_it_held_in_order(make_site: Sit
     assert_clean(second.stats())
 
 
+@pytest.mark.parametrize(
+    ("before", "after", "devices", "batched"),
+    [(4, 5, 1, 0), (20, 20, 2, 40)],
+    ids=["one by one", "inside a fast batch"],
+)
 async def test_rejected_entry_is_dead_lettered_and_the_rest_go_in_order(
-    make_site: SiteFactory,
+    make_site: SiteFactory, before: int, after: int, devices: int, batched: int
 ) -> None:
+    """The center refuses one entry for good: it is dead-lettered at the site, the rest
+    arrives in order. Inside a fast batch the center ends the batch at that message: the
+    entries before it are stored, the ones after it are sent again one by one at once."""
     site = await make_site()
     info = await site.hub_js.stream_info("UP_READING")
     info.config.max_msg_size = 1024  # the center refuses big messages for good (400)
     await site.hub_js.update_stream(config=info.config)
-    await site.append(4, devices=1)
-    await site.append(1, devices=1, pad=2000)  # d0 n=4: too big for the center
-    await site.append(5, devices=1)
-    site.sent["d0"].remove(4)
+    await site.append(before, devices=devices)
+    big = site.next_n["d0"]
+    await site.append(1, devices=1, pad=2000)  # too big for the center
+    await site.append(after, devices=devices)
+    site.sent["d0"].remove(big)
 
     forwarder = site.forwarder()
-    await wait_center(site, 9)
+    await wait_center(site, before + after)
 
     async def dead_lettered() -> bool:
         return forwarder.stats().dead_lettered == 1
@@ -490,37 +499,13 @@ async def test_rejected_entry_is_dead_lettered_and_the_rest_go_in_order(
     dlq = await site.nc.jetstream().get_msg("DEADLETTER", seq=1)
     assert dlq.subject == f"dlq.{SITE}.forwarder.rejected_by_center"
     assert dlq.headers is not None and "exceeds" in dlq.headers["Edgebus-Dlq-Detail"].lower()
-    assert REGISTRY.decode_as(dlq.data or b"", DeviceReading).data.payload["n"] == 4
+    assert REGISTRY.decode_as(dlq.data or b"", DeviceReading).data.payload["n"] == big
     stats = forwarder.stats()
-    assert (stats.forwarded, stats.order_violations, stats.failures) == (9, 0, 0)
-    assert (await forwarder.backlog()).depth == 0
-
-
-async def test_a_rejected_entry_inside_a_fast_batch_is_dead_lettered_and_the_rest_go(
-    make_site: SiteFactory,
-) -> None:
-    """The center ends a fast batch at a message it rejects: the entries before it are
-    stored, it is dead-lettered, the ones after it are sent again one by one at once."""
-    site = await make_site()
-    info = await site.hub_js.stream_info("UP_READING")
-    info.config.max_msg_size = 1024
-    await site.hub_js.update_stream(config=info.config)
-    await site.append(20, devices=2)
-    await site.append(1, devices=1, pad=2000)  # d0 n=10: too big for the center
-    await site.append(20, devices=2)
-    site.sent["d0"].remove(10)
-
-    forwarder = site.forwarder()
-    await wait_center(site, 40)
-
-    async def dead_lettered() -> bool:
-        return forwarder.stats().dead_lettered == 1
-
-    await wait_until(dead_lettered, 10, "the big entry dead-lettered")
-    await assert_center_has_exactly(site)
-    stats = forwarder.stats()
-    assert stats.batched == 40  # all but the first (a lone probe) in one fast batch first
-    assert (stats.forwarded, stats.stored_at_center, stats.duplicates_at_center) == (40, 40, 0)
+    # The first entry goes alone (a probe); a fast batch carries the rest, if long enough.
+    assert stats.batched == batched
+    assert (stats.forwarded, stats.stored_at_center, stats.duplicates_at_center) == (
+        before + after, before + after, 0
+    )  # fmt: skip
     assert (stats.order_violations, stats.failures) == (0, 0)
     assert (await forwarder.backlog()).depth == 0
 
