@@ -43,7 +43,13 @@ from bus.forwarding.puller import Puller, PullError
 from bus.forwarding.sender import CenterSender, Outgoing
 from bus.forwarding.stats import BacklogStats, ForwarderStats, RateMeter
 from bus.log import get_logger
-from bus.replaylog import EVENT_ID_HEADER, FORWARDER_CONSUMER, MSG_ID_HEADER, STREAM
+from bus.replaylog import (
+    CENTER_ID_HEADER,
+    EVENT_ID_HEADER,
+    FORWARDER_CONSUMER,
+    MSG_ID_HEADER,
+    STREAM,
+)
 
 # Re-exported: callers and tests import these from `bus.forwarder`.
 __all__ = [
@@ -79,6 +85,8 @@ class _Entry:
     msg: Msg
     seq: int
     gap: int  # entries missing (dropped) between the previous settled one and this one
+    # What the center dedups it by (its `Nats-Msg-Id`): the event id, or the device's own
+    # message key where the entry has one (`CENTER_ID_HEADER`).
     event_id: str
     # Never sent to the center by anyone (first delivery, not re-sent by us): it cannot be a
     # duplicate there, so it may go in a fast batch, whose acks do not tell duplicates apart.
@@ -348,7 +356,12 @@ class Forwarder:
                 if oldest is not None and oldest.seq is not None and oldest.seq < seq:
                     return ready, oldest.seq
             headers = msg.headers or {}
-            event_id = headers.get(EVENT_ID_HEADER) or headers.get(MSG_ID_HEADER) or ""
+            event_id = (
+                headers.get(CENTER_ID_HEADER)
+                or headers.get(EVENT_ID_HEADER)
+                or headers.get(MSG_ID_HEADER)
+                or ""
+            )
             ready.append(_Entry(msg, seq, gap, event_id, fresh=_first_delivery(msg)))
             previous = seq
         return ready, 0

@@ -76,9 +76,6 @@ class LeafRemote:
     credentials: Path | None = None
 
 
-MIN_LAME_DUCK_S = 30.0  # nats-server refuses a shorter lame_duck_duration
-
-
 @dataclass(frozen=True, kw_only=True)
 class NatsServerSpec:
     """Everything needed to render one server's config; ports are fixed for its lifetime."""
@@ -100,10 +97,6 @@ class NatsServerSpec:
     leaf_reconnect_seconds: float | None = None
     mqtt_port: int | None = None
     max_payload: int | None = None
-    # Stop in lame duck mode over this long (SIGUSR2: client connections, MQTT ones
-    # included, are closed first, then JetStream stops). None: plain SIGTERM, which stops
-    # JetStream while MQTT clients are still connected and PUBACKed (acked readings lost).
-    lame_duck_s: float | None = None
     extra_config: str = ""
 
     def __post_init__(self) -> None:
@@ -112,8 +105,6 @@ class NatsServerSpec:
             _check_name("JetStream domain", self.jetstream_domain)
         if self.mqtt_port is not None and not self.jetstream:
             raise ValueError("the MQTT listener needs JetStream enabled")
-        if self.lame_duck_s is not None and self.lame_duck_s < MIN_LAME_DUCK_S:
-            raise ValueError(f"nats-server takes lame_duck_s >= {MIN_LAME_DUCK_S:g}")
 
     @classmethod
     def hub(
@@ -158,7 +149,6 @@ class NatsServerSpec:
         leaf_reconnect_seconds: float | None = None,
         jetstream_max_file_store: int | None = None,
         max_payload: int | None = None,
-        lame_duck_s: float | None = None,
         extra_config: str = "",
     ) -> NatsServerSpec:
         """An edge site: leaf node of the hub, JetStream domain = site id, optional MQTT."""
@@ -173,7 +163,6 @@ class NatsServerSpec:
             leaf_reconnect_seconds=leaf_reconnect_seconds,
             mqtt_port=free_port() if mqtt else None,
             max_payload=max_payload,
-            lame_duck_s=lame_duck_s,
             extra_config=extra_config,
         )
 
@@ -240,10 +229,6 @@ def render_config(spec: NatsServerSpec) -> str:
     ]
     if spec.max_payload is not None:
         lines.append(f"max_payload: {spec.max_payload}")
-    if spec.lame_duck_s is not None:
-        lines.append(f'lame_duck_duration: "{round(spec.lame_duck_s * 1000)}ms"')
-        # Not "0s": nats-server reads that as its default, 10 s before the first close.
-        lines.append('lame_duck_grace_period: "100ms"')
     if spec.jetstream:
         lines += _jetstream_block(spec)
     lines += _leafnodes_block(spec)
@@ -328,20 +313,8 @@ class NatsServerProcess:
             self.kill()
             raise
 
-    def stop(self, timeout: float = 5.0, *, lame_duck: bool = True) -> None:
-        """Lame duck mode first if the spec has it (unless `lame_duck` is False), then
-        SIGTERM, then SIGKILL after `timeout`; always reaps. No-op when not running.
-
-        Lame duck mode closes client connections (devices' MQTT ones too) before JetStream
-        stops: measured, a plain SIGTERM under QoS 1 traffic PUBACKs readings JetStream no
-        longer stores (8-13 per stop at 500 readings/s), lame duck mode none. Closing is spread
-        over up to `lame_duck_s` (measured: 0.16 s for 1 client, 2.1 s for 5, 11.7 s for 20,
-        18.4 s for 100).
-        """
-        if lame_duck and self.enter_lame_duck():
-            assert self._proc is not None and self.spec.lame_duck_s is not None
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=self.spec.lame_duck_s + timeout)
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout`; always reaps. No-op when not running."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -354,15 +327,6 @@ class NatsServerProcess:
                 proc.kill()
                 proc.wait()
         _unregister(proc)
-
-    def enter_lame_duck(self) -> bool:
-        """Ask the server to stop in lame duck mode (it exits by itself when done); False if
-        it is not running or its spec has no lame duck duration."""
-        if self._proc is None or self._proc.poll() is not None or self.spec.lame_duck_s is None:
-            return False
-        with contextlib.suppress(ProcessLookupError):
-            self._proc.send_signal(signal.SIGUSR2)
-        return True
 
     def kill(self) -> None:
         """SIGKILL without any shutdown (simulates a crash / power loss)."""

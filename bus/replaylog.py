@@ -25,6 +25,9 @@ STREAM = "REPLAY"
 FORWARDER_CONSUMER = "forwarder"
 MSG_ID_HEADER = "Nats-Msg-Id"
 EVENT_ID_HEADER = "Edgebus-Event-Id"
+# What the center dedups an entry by when it is not the event id (a device's own message key:
+# a QoS 1 re-send ingested as a second event must still be the same message at the center).
+CENTER_ID_HEADER = "Edgebus-Center-Id"
 
 # JetStream error codes meaning "the stream is at its bound and discards new messages".
 _FULL_ERROR_CODES = frozenset({10047, 10077, 10078})
@@ -59,6 +62,8 @@ class LogEntry:
     # The event's bytes if the caller encoded it already (it publishes them too): appended
     # as they are. Must be what `registry.encode(event)` returns.
     encoded: bytes | None = None
+    # The center's dedup id if not the event id (see CENTER_ID_HEADER); globally unique.
+    center_id: str | None = None
 
 
 def is_full_error(exc: BaseException) -> bool:
@@ -134,6 +139,8 @@ class ReplayLog:
         subject = self._subject(entry.kind, entry.key)
         event_id = entry.event.id
         headers = {MSG_ID_HEADER: entry.dedup_id or event_id, EVENT_ID_HEADER: event_id}
+        if entry.center_id is not None:
+            headers[CENTER_ID_HEADER] = entry.center_id
         payload = entry.encoded if entry.encoded is not None else self.registry.encode(entry.event)
         return subject, payload, headers
 

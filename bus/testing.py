@@ -87,13 +87,9 @@ class EdgeTopology:
         mqtt: bool = True,
         via_proxy: bool = True,
         credentials: Path | None = None,
-        lame_duck_s: float | None = None,
         timeout: float = 10.0,
     ) -> NatsServerProcess:
         """Start a site whose leaf remote points at the hub (through a LinkProxy by default).
-
-        `lame_duck_s`: stop it in lame duck mode, as the site supervisor does (slow: tests
-        that stop a site with devices connected leave it None unless that is the point).
 
         `credentials`: the site's creds file for its leaf remote (needed with an authority).
         Returns once the site's leaf connection to the hub is up.
@@ -113,7 +109,6 @@ class EdgeTopology:
             mqtt=mqtt,
             credentials=credentials,
             leaf_reconnect_seconds=self.leaf_reconnect_seconds,
-            lame_duck_s=lame_duck_s,
         )
         server = NatsServerProcess(spec, workdir)
         self._sites[site_id] = _Site(server, proxy)

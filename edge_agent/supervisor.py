@@ -28,7 +28,6 @@ import psutil
 from bus import subjects
 from bus.log import get_logger
 from bus.natsserver import (
-    MIN_LAME_DUCK_S,
     LeafRemote,
     NatsServerError,
     NatsServerProcess,
@@ -97,10 +96,6 @@ class SiteRunConfig:
     restart_backoff_max_s: float = 30.0
     stable_after_s: float = 10.0  # a child that ran this long restarts from the minimum backoff
     stop_timeout_s: float = 10.0  # SIGTERM -> SIGKILL grace per child
-    # The site server stops in lame duck mode (devices disconnected before JetStream stops,
-    # so nothing PUBACKed is lost); up to this long while devices are connected. None: plain
-    # SIGTERM. A second Ctrl-C / SIGTERM skips it.
-    server_lame_duck_s: float | None = MIN_LAME_DUCK_S
     poll_interval_s: float = 0.1
     # Replaces `python -m edge_agent ...` entirely (tests, custom agents).
     agent_argv: tuple[str, ...] | None = None
@@ -356,13 +351,7 @@ class _ServerChild:
         return self.server.returncode
 
     def stop(self, timeout_s: float, hurry: threading.Event) -> None:
-        server = self.server
-        if not hurry.is_set() and server.enter_lame_duck():
-            lame_duck_s = server.spec.lame_duck_s or 0.0
-            deadline = time.monotonic() + lame_duck_s + timeout_s
-            while server.running and time.monotonic() < deadline and not hurry.is_set():
-                time.sleep(0.1)
-        server.stop(timeout=0.5 if hurry.is_set() else timeout_s, lame_duck=False)
+        self.server.stop(timeout=0.5 if hurry.is_set() else timeout_s)
 
 
 class _AgentChild:
@@ -560,7 +549,6 @@ class SiteSupervisor:
             leaf_remotes=(LeafRemote(self.config.center_leaf_url, self.config.leaf_credentials),),
             leaf_reconnect_seconds=self.config.leaf_reconnect_s,
             mqtt_port=state.mqtt_port,
-            lame_duck_s=self.config.server_lame_duck_s,
         )
         server = _ServerChild(NatsServerProcess(spec, nats_dir))
         agent_log = self.data_dir / "logs" / "agent.log"

@@ -43,7 +43,8 @@ class IngestConfig(BaseModel):
         max_length=64,
         description=(
             "payload field a device sets uniquely per message (a UUID, or boot id + counter):"
-            " a message re-sent with the same value within 10 minutes (QoS 1 after a lost"
-            " PUBACK) is dropped as a duplicate instead of becoming a second reading"
+            " a message re-sent with the same value (QoS 1 after a lost PUBACK) is dropped as"
+            " a duplicate, at the site and at the center (6 h), instead of becoming a second"
+            " reading; a value reused within 6 h would drop a fresh reading"
         ),
     )

@@ -510,6 +510,35 @@ async def test_rejected_entry_is_dead_lettered_and_the_rest_go_in_order(
     assert (await forwarder.backlog()).depth == 0
 
 
+async def test_entries_with_the_same_center_id_are_one_message_at_the_center(
+    make_site: SiteFactory,
+) -> None:
+    """A device's QoS 1 re-send ingested as a second event (own event id, own INGEST seq)
+    carries the device's message key as its center id: the center keeps the first."""
+    site = await make_site()
+
+    def keyed(n: int, key: str) -> LogEntry:
+        data = DeviceReading(site=SITE, device="d0", channel="t", payload={"n": n})
+        event = new_event(data, source=f"/sites/{SITE}")
+        return LogEntry(kind="reading", key="d0", event=event, center_id=key, dedup_id=f"i-{n}")
+
+    entries = [keyed(0, "dev-a"), keyed(1, "dev-b"), keyed(2, "dev-a")]  # 2 re-sends 0
+    results = await site.log.append_batch(entries)
+    assert [r.status for r in results] == [AppendStatus.STORED] * 3  # distinct in the log
+    forwarder = site.forwarder()
+    await wait_center(site, 2)
+
+    async def all_settled() -> bool:
+        return forwarder.stats().forwarded == 3
+
+    await wait_until(all_settled, 10, "all three settled")
+    await asyncio.sleep(0.3)
+    by_device, _ = readings_by_device(await center_events(site.hub_js))
+    assert by_device == {"d0": [0, 1]}
+    stats = forwarder.stats()
+    assert (stats.stored_at_center, stats.duplicates_at_center) == (2, 1)
+
+
 async def test_a_center_without_fast_batches_gets_everything_one_by_one(
     make_site: SiteFactory,
 ) -> None:

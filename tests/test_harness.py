@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -336,39 +335,3 @@ def test_servers_left_running_are_killed_when_the_interpreter_exits(tmp_path: Pa
     finally:
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
-
-
-async def test_lame_duck_stop_closes_clients_before_the_server_exits(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="lame_duck_s >= 30"):
-        NatsServerSpec(name="ld", store_dir=tmp_path, port=1, monitor_port=2, lame_duck_s=5)
-    spec = NatsServerSpec(
-        name="ld", store_dir=tmp_path / "store", port=free_port(), monitor_port=free_port(),
-        lame_duck_s=30.0,
-    )  # fmt: skip
-    assert 'lame_duck_duration: "30000ms"' in render_config(spec)
-    server = NatsServerProcess(spec, tmp_path)
-    server.start()
-    closed = asyncio.Event()
-
-    async def on_closed() -> None:
-        closed.set()
-
-    nc = await nats.connect(server.url, allow_reconnect=False, closed_cb=on_closed)
-    try:
-        started = time.monotonic()
-        assert server.enter_lame_duck()
-        await asyncio.wait_for(closed.wait(), 10)  # the server let its client go first
-        # ... then exits by itself, nothing else sent
-        assert await asyncio.to_thread(_exits_within, server, 10.0)
-        print(f"\nlame duck stop with one client: {time.monotonic() - started:.2f}s")
-        assert time.monotonic() - started < 10
-    finally:
-        await nc.close()
-        server.stop(lame_duck=False)
-
-
-def _exits_within(server: NatsServerProcess, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while server.running and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not server.running

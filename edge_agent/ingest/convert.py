@@ -95,13 +95,13 @@ def device_message_key(reading: DeviceReading, field: str | None) -> str | None:
     None (no field configured, absent, or not a string / integer): a re-sent message then
     dedups against the first one instead of becoming a second reading.
 
-    Scoped to (device, channel), so per-channel counters are safe; hashed, so any id is a
-    valid `Nats-Msg-Id`.
+    Scoped to (site, device, channel), so per-channel counters are safe and the key is
+    unique at the center too; hashed, so any id is a valid `Nats-Msg-Id`.
     """
     if field is None:
         return None
     value = reading.payload.get(field)
     if isinstance(value, bool) or not isinstance(value, str | int):
         return None
-    identity = json.dumps([reading.device, reading.channel, value]).encode()
+    identity = json.dumps([reading.site, reading.device, reading.channel, value]).encode()
     return f"dev-{hashlib.blake2b(identity, digest_size=16).hexdigest()}"

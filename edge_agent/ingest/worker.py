@@ -348,6 +348,9 @@ class IngestWorker:
             event=event,
             dedup_id=dedup_id or f"ingest-{stream_seq}",
             encoded=payload,
+            # The center dedups by it too: a re-send after the site server restarted (its
+            # work queue keeps no ids of entries already forwarded) is dropped there.
+            center_id=dedup_id,
         )
         return _Accepted(msg, entry, self._local_subject(device, channel), payload)
 
