@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from bus.log import configure_logging, get_logger
 from services.alarms.config import AlarmsConfig, default_replica_id
 from services.alarms.state import FlapPolicy
 from services.alarms.storm import StormPolicy
+from services.entry import serve_until_signalled
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,23 +63,15 @@ def config_from_args(args: argparse.Namespace) -> AlarmsConfig:
 
 
 async def serve(args: argparse.Namespace, config: AlarmsConfig) -> None:
-    # Imported after logging is configured (loggers bind at import in some modules).
-    from bus.client import Bus
-    from bus.config import NatsConfig
     from services.alarms.service import AlarmsService
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    nats_config = NatsConfig.from_url(
-        args.nats, name=f"edgebus-alarms-{config.replica_id}", credentials=args.credentials
+    await serve_until_signalled(
+        args.nats,
+        args.credentials,
+        name=f"edgebus-alarms-{config.replica_id}",
+        source="/center/alarms",
+        run=lambda bus, stop: AlarmsService(bus, config).run(stop),
     )
-    bus = await Bus.connect(nats_config, scope="center", source="/center/alarms")
-    try:
-        await AlarmsService(bus, config).run(stop)
-    finally:
-        await bus.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from bus.log import configure_logging, get_logger
 from services.controller.availability import AvailabilityPolicy
 from services.controller.config import ControllerConfig, default_replica_id
+from services.entry import serve_until_signalled
 
 
 def parser() -> argparse.ArgumentParser:
@@ -77,36 +77,38 @@ async def serve(args: argparse.Namespace, config: ControllerConfig) -> None:
     from services.controller.credentials import PushingAuthority, SiteAuthority
     from services.controller.service import ControllerService
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    nats_config = NatsConfig.from_url(
-        args.nats, name=f"edgebus-controller-{config.replica_id}", credentials=args.credentials
-    )
-    bus = await Bus.connect(nats_config, scope="center", source="/center/controller")
-    system_bus: Bus | None = None
-    authority: SiteAuthority | None = None
-    try:
-        if args.authority_dir is not None:
-            from bus.auth import CredentialAuthority
+    async def run(bus: Bus, stop: asyncio.Event) -> None:
+        system_bus: Bus | None = None
+        authority: SiteAuthority | None = None
+        try:
+            if args.authority_dir is not None:
+                from bus.auth import CredentialAuthority
 
-            if args.system_credentials is None:
-                raise ValueError("--authority-dir needs --system-credentials (to push revocations)")
-            system_bus = await Bus.connect(
-                NatsConfig.from_url(
-                    args.nats,
-                    name="edgebus-controller-system",
-                    credentials=args.system_credentials,
-                ),
-                scope="center",
-            )
-            authority = PushingAuthority(CredentialAuthority(args.authority_dir), system_bus.nc)
-        await ControllerService(bus, config, authority).run(stop)
-    finally:
-        if system_bus is not None:
-            await system_bus.close()
-        await bus.close()
+                if args.system_credentials is None:
+                    raise ValueError(
+                        "--authority-dir needs --system-credentials (to push revocations)"
+                    )
+                system_bus = await Bus.connect(
+                    NatsConfig.from_url(
+                        args.nats,
+                        name="edgebus-controller-system",
+                        credentials=args.system_credentials,
+                    ),
+                    scope="center",
+                )
+                authority = PushingAuthority(CredentialAuthority(args.authority_dir), system_bus.nc)
+            await ControllerService(bus, config, authority).run(stop)
+        finally:
+            if system_bus is not None:
+                await system_bus.close()
+
+    await serve_until_signalled(
+        args.nats,
+        args.credentials,
+        name=f"edgebus-controller-{config.replica_id}",
+        source="/center/controller",
+        run=run,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from bus.log import configure_logging, get_logger
+from services.entry import serve_until_signalled
 from services.sync.config import SyncConfig
 from services.sync.status import PushPolicy
 
@@ -41,22 +41,15 @@ def config_from_args(args: argparse.Namespace) -> SyncConfig:
 
 
 async def serve(args: argparse.Namespace, config: SyncConfig) -> None:
-    from bus.client import Bus
-    from bus.config import NatsConfig
     from services.sync.service import SyncService
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    nats_config = NatsConfig.from_url(
-        args.nats, name=f"edgebus-sync-{config.replica_id}", credentials=args.credentials
+    await serve_until_signalled(
+        args.nats,
+        args.credentials,
+        name=f"edgebus-sync-{config.replica_id}",
+        source="/center/sync",
+        run=lambda bus, stop: SyncService(bus, config).run(stop),
     )
-    bus = await Bus.connect(nats_config, scope="center", source="/center/sync")
-    try:
-        await SyncService(bus, config).run(stop)
-    finally:
-        await bus.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
