@@ -1,17 +1,43 @@
 """What every center service's `python -m services.<name>` does around the service itself:
-one center connection, and a stop on SIGTERM/SIGINT, then the connection drained and closed.
+arguments to a config (exit 2 if bad), one center connection, a stop on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from bus.log import configure_logging, get_logger
 
 if TYPE_CHECKING:
     from bus.client import Bus
+
+C = TypeVar("C")
+
+
+def service_main(
+    argv: Sequence[str] | None,
+    *,
+    parser: argparse.ArgumentParser,
+    config_from_args: Callable[[argparse.Namespace], C],
+    serve: Callable[[argparse.Namespace, C], Coroutine[Any, Any, None]],
+    name: str,
+) -> int:
+    """Parse, configure logging (`--log-level`), build the config (a ValueError: exit 2),
+    serve until stopped (exit 0)."""
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        get_logger(name).error("bad_arguments", error=str(exc))
+        return 2
+    asyncio.run(serve(args, config))
+    return 0
 
 
 async def serve_until_signalled(

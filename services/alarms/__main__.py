@@ -6,16 +6,14 @@ Start several against the same NATS: they share requests; one leads (consumes, w
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bus.log import configure_logging, get_logger
 from services.alarms.config import AlarmsConfig, default_replica_id
 from services.alarms.state import FlapPolicy
 from services.alarms.storm import StormPolicy
-from services.entry import serve_until_signalled
+from services.entry import serve_until_signalled, service_main
 
 
 def parser() -> argparse.ArgumentParser:
@@ -75,15 +73,9 @@ async def serve(args: argparse.Namespace, config: AlarmsConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        get_logger("alarms").error("bad_arguments", error=str(exc))
-        return 2
-    asyncio.run(serve(args, config))
-    return 0
+    return service_main(
+        argv, parser=parser(), config_from_args=config_from_args, serve=serve, name="alarms"
+    )
 
 
 if __name__ == "__main__":

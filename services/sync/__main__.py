@@ -6,13 +6,11 @@ Stops cleanly (lease handed over) on SIGTERM/SIGINT.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bus.log import configure_logging, get_logger
-from services.entry import serve_until_signalled
+from services.entry import serve_until_signalled, service_main
 from services.sync.config import SyncConfig
 from services.sync.status import PushPolicy
 
@@ -53,15 +51,9 @@ async def serve(args: argparse.Namespace, config: SyncConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        get_logger("sync").error("bad_arguments", error=str(exc))
-        return 2
-    asyncio.run(serve(args, config))
-    return 0
+    return service_main(
+        argv, parser=parser(), config_from_args=config_from_args, serve=serve, name="sync"
+    )
 
 
 if __name__ == "__main__":
