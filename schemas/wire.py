@@ -7,10 +7,10 @@ are generated here or checked once, so re-validating them per event would only c
 from __future__ import annotations
 
 import json
-from datetime import datetime
+import time
 from functools import lru_cache
 
-from schemas.envelope import EventData, schema_uri, utc_now
+from schemas.envelope import EventData, schema_uri
 from schemas.ids import new_event_id
 
 _MAX_SOURCE = 512
@@ -37,9 +37,31 @@ def _prefix(model: type[EventData], source: str) -> bytes:
     ).encode()
 
 
-def format_time(moment: datetime) -> str:
-    """RFC 3339 (`isoformat` of an aware datetime is; it is 3x cheaper than strftime)."""
-    return moment.isoformat()
+class _UtcClock:
+    """The current UTC time as RFC 3339 with microseconds, the date part formatted once a second.
+
+    `datetime.now(UTC).isoformat()` builds a datetime per event only to print it: this is
+    about 3x cheaper (tests/test_wire.py holds it equal to `isoformat` at the same instant).
+    """
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def at_ns(self, now_ns: int) -> str:
+        second, rest_ns = divmod(now_ns, 1_000_000_000)
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._prefix}.{rest_ns // 1000:06d}+00:00"
+
+    def now(self) -> str:
+        return self.at_ns(time.time_ns())
+
+
+utc_clock = _UtcClock()
 
 
 def encode_new_event(
@@ -72,7 +94,7 @@ def encode_new_event_json(
     event_id = new_event_id()
     parts = [
         _prefix(model, source),
-        f',"id":"{event_id}","time":"{format_time(utc_now())}"'.encode(),
+        f',"id":"{event_id}","time":"{utc_clock.now()}"'.encode(),
     ]
     if subject is not None:
         parts.append(f',"subject":{_json_string(subject, "subject", _MAX_SUBJECT)}'.encode())

@@ -76,3 +76,17 @@ def test_any_attribute_text_round_trips_exactly(source: str, subject: str | None
         subject,
         READING,
     )
+
+
+@settings(max_examples=500)
+@given(st.integers(min_value=0, max_value=4_102_444_800 * 10**9))  # 1970 .. 2100
+def test_the_event_clock_prints_what_isoformat_prints_for_the_same_instant(now_ns: int) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from schemas.wire import _UtcClock
+
+    second, rest_ns = divmod(now_ns, 1_000_000_000)
+    moment = datetime.fromtimestamp(second, UTC) + timedelta(microseconds=rest_ns // 1000)
+    clock = _UtcClock()
+    assert clock.at_ns(now_ns) == moment.isoformat(timespec="microseconds")
+    assert clock.at_ns(now_ns) == moment.isoformat(timespec="microseconds")  # cached second
