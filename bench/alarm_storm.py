@@ -1,6 +1,6 @@
 """Alarm storm at the center: alarms processed per second against a raw counting consumer.
 
-    python -m bench.alarm_storm [--quick] [--sites N] [--events M] [--rounds R]
+    python -m bench.alarm_storm [--quick] [--sites N] [--events M] [--rounds R] [--profile F]
 
 One run, one throwaway hub. N sites raise and clear alarms at a high rate: M alarm changes
 (raise, clear, raise, ... on five alarms per site, plus one site flapping one alarm thousands
@@ -142,19 +142,23 @@ async def raw_count(nc: NatsClient, total: int) -> float:
     return time.perf_counter() - started
 
 
-def start_service(url: str) -> subprocess.Popen[bytes]:
+def start_service(url: str, profile: str | None) -> subprocess.Popen[bytes]:
+    """The alarms service as its own process (under cProfile, writing `profile`, if given)."""
+    profiler = ["-m", "cProfile", "-o", profile] if profile else []
     return subprocess.Popen(
-        [sys.executable, "-m", "services.alarms", "--nats", url, "--log-level", "warning",
-         "--replica-id", "bench", "--lease-ttl-s", "2",
+        [sys.executable, *profiler, "-m", "services.alarms", "--nats", url,
+         "--log-level", "warning", "--replica-id", "bench",
          # The flapper must still count as flapping when the last round is checked.
          "--flap-quiet-s", "3600"],
     )  # fmt: skip
 
 
-async def service_pass(nc: NatsClient, url: str, total: int) -> dict[str, float]:
+async def service_pass(
+    nc: NatsClient, url: str, total: int, profile: str | None = None
+) -> dict[str, float]:
     """Run the service on the stored storm; seconds from first delivery to all acked."""
     js = nc.jetstream()
-    proc = start_service(url)
+    proc = start_service(url, profile)
     try:
         with ResourceSampler({"alarms": proc.pid}) as usage:
             first_seen = None
@@ -213,7 +217,9 @@ async def reset_state(bus: Bus) -> None:
     await bus.js.delete_stream(f"KV_{ALARMS_KV.bucket}")
 
 
-async def run(sites: int, events: int, rounds: int, quick: bool) -> BenchResult:
+async def run(
+    sites: int, events: int, rounds: int, quick: bool, profile: str | None = None
+) -> BenchResult:
     with nats_server(BENCH) as server:
         bus = await Bus.connect(NatsConfig.from_url(server.url, name="bench-center"))
         try:
@@ -228,7 +234,7 @@ async def run(sites: int, events: int, rounds: int, quick: bool) -> BenchResult:
             for _ in range(rounds):
                 raw_s = await raw_count(bus.nc, events)
                 raw_rates.append(rate(events, raw_s))
-                passed = await service_pass(bus.nc, server.url, events)
+                passed = await service_pass(bus.nc, server.url, events, profile)
                 ours.append({**passed, "rate": rate(events, passed["seconds"])})
                 checks.append(await check_state(bus, alarms, flaps))
                 await reset_state(bus)
@@ -276,13 +282,16 @@ def main() -> None:
         parser.add_argument("--sites", type=int, default=None)
         parser.add_argument("--events", type=int, default=None)
         parser.add_argument("--rounds", type=int, default=None)
+        parser.add_argument(
+            "--profile", default=None, help="cProfile the service into this file (last round)"
+        )
 
     args = bench_args(__doc__ or BENCH, add_arguments=more)
     configure_logging("warning")
     sites = args.sites or (200 if args.quick else 2000)
     events = args.events or (20_000 if args.quick else 200_000)
     rounds = args.rounds or (1 if args.quick else 3)
-    asyncio.run(run(sites, events, rounds, args.quick)).emit()
+    asyncio.run(run(sites, events, rounds, args.quick, args.profile)).emit()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`KvMirror`: an in-memory copy of a JetStream KV bucket, kept current by a watcher.
 
 Values are parsed once on arrival; a watchdog re-synchronises a copy whose watcher stalled.
+The bucket's single writer may pause the watcher and `remember` its own writes instead.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class KvMirror(Generic[T]):
         self._watcher: KeyValue.KeyWatcher | None = None
         self._follow: asyncio.Task[None] | None = None
         self._resyncing = asyncio.Lock()
+        self._paused = False
         self.resyncs = 0
         self._log = get_logger("bus.kvmirror", bucket=bucket)
 
@@ -100,9 +102,26 @@ class KvMirror(Generic[T]):
                 await self._watcher.stop()  # type: ignore[no-untyped-call]
             self._watcher = None
 
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    async def pause(self) -> None:
+        """Stop following the bucket; the values stay. For the bucket's one writer (a lease
+        holder), whose `remember` keeps this copy current: each of its writes would otherwise
+        come back as a watched update to receive and skip."""
+        self._paused = True
+        await self.stop()
+
+    async def resume(self) -> None:
+        """Follow the bucket again, first catching up on whatever others wrote meanwhile."""
+        if self._paused:
+            self._paused = False
+            await self.start()
+
     async def resync(self) -> None:
         """Restart the watcher (its consumer may be gone): reloads the latest of each key."""
-        if self._resyncing.locked():
+        if self._resyncing.locked() or self._paused:
             return
         async with self._resyncing:
             self.resyncs += 1
@@ -112,6 +131,8 @@ class KvMirror(Generic[T]):
     async def check(self) -> None:
         """Call periodically: a copy behind the bucket that has not moved since the last
         check lost its watcher (e.g. the server restarted), so it re-synchronises."""
+        if self._paused:
+            return
         info = await self._js.stream_info(self._stream)
         behind = self._applied < int(info.state.last_seq)
         if behind and self._applied == self._checked_at:

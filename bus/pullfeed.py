@@ -1,7 +1,9 @@
-"""A durable pull consumer kept fed: one pull request always outstanding, deliveries buffered.
+"""A durable pull consumer kept fed: one pull request outstanding while the buffer has room.
 
 Cheaper than nats-py `fetch` (no task per message) and real time (a batch is whatever has
-arrived, not a full batch or a timeout); the consumer's max_ack_pending bounds the buffer.
+arrived, not a full batch or a timeout). The buffer holds at most `max_buffered` (+ one
+batch): a consumer slower than its stream does not pull the stream into memory, where
+deliveries would outlive their ack wait and come back out of order.
 """
 
 from __future__ import annotations
@@ -43,10 +45,12 @@ class PullFeed:
         batch: int,
         expires_s: float = 5.0,
         retry_pause_s: float = 0.25,
+        max_buffered: int | None = None,
         api_prefix: str = DEFAULT_API_PREFIX,
     ) -> None:
         if batch < 1 or expires_s <= 0:
             raise ValueError("need batch >= 1 and expires_s > 0")
+        self._max_buffered = max(batch, max_buffered if max_buffered is not None else 4 * batch)
         self._nc = nc
         self._next_subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._request_body = json.dumps(
@@ -98,7 +102,13 @@ class PullFeed:
             if self._error is not None:
                 raise self._error
         count = min(max_messages, len(self._buffer))
-        return [self._buffer.popleft() for _ in range(count)]
+        batch = [self._buffer.popleft() for _ in range(count)]
+        if self._outstanding <= 0 and self._has_room() and time.monotonic() >= self._paused_until:
+            await self._request()  # held back while the buffer was full
+        return batch
+
+    def _has_room(self) -> bool:
+        return len(self._buffer) < self._max_buffered
 
     async def _keep_fed(self) -> None:
         """Re-request when the last request ended in an error pause or was lost."""
@@ -129,7 +139,7 @@ class PullFeed:
         self._buffer.append(msg)
         self._arrived.set()
         self._outstanding -= 1
-        if self._outstanding <= 0:
+        if self._outstanding <= 0 and self._has_room():
             await self._request()
 
     async def _on_status(self, status: str, description: str) -> None:
@@ -137,7 +147,8 @@ class PullFeed:
             return
         self._outstanding = 0
         if status == _REQUEST_TIMEOUT:
-            await self._request()
+            if self._has_room():
+                await self._request()
             return
         if status == "409" and description.lower().startswith(_FATAL_409):
             self._error = PullFeedError(f"{status} {description}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pydantic import ValidationError
 
 from schemas import REGISTRY, new_event
 from schemas.alarms import (
@@ -20,7 +21,13 @@ from schemas.alarms import (
     SiteHealth,
     alarm_id,
 )
-from services.alarms.inputs import ChangeDecoder, origin_problem, site_of, stream_seq
+from services.alarms.inputs import (
+    ChangeDecoder,
+    origin_problem,
+    site_of,
+    stream_seq,
+    waiting_in_stream,
+)
 from services.alarms.state import (
     FlapPolicy,
     alarm_key,
@@ -301,6 +308,18 @@ def test_origin_checks_and_subjects() -> None:
     assert stream_seq("$JS.ACK.hub.ACCHASH.UP_ALARM.alarms.1.43.7.17953346540.2.tok") == 43
 
 
+def test_waiting_in_stream_reads_num_pending_of_either_reply_form() -> None:
+    from nats.aio.msg import Msg
+
+    for reply in (
+        "$JS.ACK.UP_ALARM.alarms.1.42.7.1795334654057014800.2",
+        "$JS.ACK.hub.ACCHASH.UP_ALARM.alarms.1.43.7.17953346540.2.tok",
+        "$JS.ACK.hub.ACCHASH.UP_ALARM.alarms.1.43.7.17953346540.2",
+    ):
+        assert waiting_in_stream(reply) == Msg.Metadata._from_reply(reply).num_pending == 2
+    assert waiting_in_stream("_INBOX.abc") == 0
+
+
 def test_change_decoder_reads_both_kinds() -> None:
     decode = ChangeDecoder()
     up = REGISTRY.encode(new_event(raised(T0), source="/sites/s1"))
@@ -316,3 +335,44 @@ def test_change_decoder_reads_both_kinds() -> None:
 def test_flap_policy_rejects_nonsense() -> None:
     with pytest.raises(ValueError):
         FlapPolicy(threshold=1)
+
+
+def test_storm_guard_limits_the_whole_fleet_and_summarises_per_site() -> None:
+    policy = StormPolicy(
+        site_rate_per_s=100, site_burst=100, fleet_rate_per_s=1, fleet_burst=4, summary_every_s=10
+    )
+    guard = StormGuard(policy)
+    told: dict[str, int] = {}
+    for n in range(10):  # ten calm sites, one change each, all at once: a regional storm
+        site = f"s{n}"
+        record = apply_raised(
+            None, raised(T0, site=site), source=UP, seq=1, now=T0, policy=POLICY
+        )
+        assert record is not None
+        told[site] = len(guard.on_change(None, record, now_s=0.0, at=T0))
+    assert sum(told.values()) == 4  # the fleet's burst, though each site had budget left
+    assert guard.held_back == 6
+    late = apply_raised(None, raised(T0, site="s0"), source=UP, seq=2, now=T0, policy=POLICY)
+    assert late is not None
+    assert len(guard.on_change(None, late, now_s=2.0, at=T0)) == 1  # refilled 1/s
+    summaries = guard.tick([], now_s=10.0, at=T0)
+    held = {n.notice.site: n.notice.suppressed for n in summaries}
+    assert held == {f"s{n}": 1 for n in range(4, 10)}
+    assert all(n.notice.kind is NoticeKind.SITE_STORM and n.store for n in summaries)
+
+
+def test_evolve_is_model_copy_with_an_update() -> None:
+    from services.alarms.state import evolve
+
+    record = record_of("s1", "a", Severity.MAJOR, acked=True)
+    for changes in (
+        {},
+        {"state": AlarmState.CLEARED, "cleared_at": T0, "seq": 9},
+        {"flapping": True, "suppressed": 3, "text": "x"},
+    ):
+        made, expected = evolve(record, changes), record.model_copy(update=changes)
+        assert made == expected and made.model_fields_set == expected.model_fields_set
+        assert made.model_dump_json() == expected.model_dump_json()
+        assert made is not record and record.seq == 1  # the original is untouched
+    with pytest.raises(ValidationError):  # still frozen
+        evolve(record, {"seq": 2}).seq = 3  # type: ignore[misc]

@@ -68,6 +68,7 @@ def fast_config(replica: str, **overrides: Any) -> AlarmsConfig:
         "replica_id": replica,
         "lease_ttl_s": 2.0,
         "flush_every_s": 0.05,
+        "busy_flush_every_s": 0.2,
         "tick_s": 0.1,
         "ack_wait_s": 5.0,
         "flap": FlapPolicy(window_s=60, threshold=6, quiet_s=600),
@@ -422,6 +423,42 @@ async def test_restart_keeps_the_table_and_catches_up_a_second_replica_takes_ove
 
 async def _count(found: Awaitable[list[AlarmRecord]], count: int) -> bool:
     return len(await found) == count
+
+
+async def test_a_leader_that_dies_before_storing_leaves_nothing_for_its_successor_to_skip(
+    center: Center,
+) -> None:
+    # A first leader consumes 40 changes of one alarm, then dies before storing any: its
+    # flush never comes (long intervals) and its last one fails (it lost the right to write).
+    slow = {"flush_every_s": 60.0, "busy_flush_every_s": 60.0, "ack_wait_s": 600.0}
+    first = await center.start_replica("a1", **slow)
+    t0 = datetime.now(UTC) - timedelta(minutes=5)
+    changes = 40
+    for n in range(changes):
+        at = t0 + timedelta(seconds=n)
+        await center.send(
+            "s1",
+            raised("s1", "pump", "hot", at) if n % 2 == 0 else cleared("s1", "pump", "hot", at),
+        )
+
+    async def consumed_all() -> bool:
+        processor = first.service.processor
+        return processor is not None and processor.stats["consumed"] == changes
+
+    await wait_until(consumed_all, 20, "the first leader consumed every change")
+    assert first.service.processor is not None and not first.service.processor.settled
+    first.service.processor.stop_writing()
+    await first.halt()
+
+    # Its successor must apply all 40, in order, now: not wait out the 600 s ack wait and
+    # then skip them as older than what it applied meanwhile.
+    second = await center.start_replica("a2", ack_wait_s=600.0)
+    await center.send("s1", raised("s1", "pump", "hot", t0 + timedelta(minutes=1)))
+    await center.wait_applied(changes + 1)
+    [record] = await center.alarms(site="s1")
+    assert record.state is AlarmState.ACTIVE and record.transitions == changes + 1, record
+    assert record.raised_at == t0 + timedelta(minutes=1)
+    assert second.service.counters()["consumed"] == changes + 1
 
 
 async def test_forged_and_malformed_changes_are_dead_lettered_not_applied(center: Center) -> None:

@@ -24,6 +24,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-id", default=None)
     p.add_argument("--lease-ttl-s", type=float, default=defaults.lease_ttl_s)
     p.add_argument("--flush-every-s", type=float, default=defaults.flush_every_s)
+    p.add_argument("--busy-flush-every-s", type=float, default=defaults.busy_flush_every_s)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--tick-s", type=float, default=defaults.tick_s)
     p.add_argument(
@@ -35,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--flap-quiet-s", type=float, default=flap.quiet_s, help="then settled")
     p.add_argument("--site-notices-per-s", type=float, default=storm.site_rate_per_s)
     p.add_argument("--site-notice-burst", type=int, default=storm.site_burst)
+    p.add_argument("--fleet-notices-per-s", type=float, default=storm.fleet_rate_per_s)
+    p.add_argument("--fleet-notice-burst", type=int, default=storm.fleet_burst)
     p.add_argument("--summary-every-s", type=float, default=storm.summary_every_s)
     p.add_argument("--retention-days", type=float, default=defaults.retention_s / 86400)
     p.add_argument("--log-level", default="info")
@@ -50,10 +53,13 @@ def config_from_args(args: argparse.Namespace) -> AlarmsConfig:
         storm=StormPolicy(
             site_rate_per_s=args.site_notices_per_s,
             site_burst=args.site_notice_burst,
+            fleet_rate_per_s=args.fleet_notices_per_s,
+            fleet_burst=args.fleet_notice_burst,
             summary_every_s=args.summary_every_s,
         ),
         lease_ttl_s=args.lease_ttl_s,
         flush_every_s=args.flush_every_s,
+        busy_flush_every_s=args.busy_flush_every_s,
         batch_size=args.batch_size,
         tick_s=args.tick_s,
         retention_s=args.retention_days * 86400,

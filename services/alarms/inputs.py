@@ -4,6 +4,8 @@ comes from where it claims (the subject names the site; the alarm id must be its
 
 from __future__ import annotations
 
+import functools
+
 from bus import subjects
 from schemas import REGISTRY, Event, EventRegistry
 from schemas.alarms import AlarmCleared, AlarmRaised, alarm_id
@@ -35,6 +37,7 @@ class ChangeDecoder:
             return self._cleared(raw)
 
 
+@functools.lru_cache(maxsize=65_536)  # per stored change; a site's alarm subjects repeat
 def site_of(subject: str) -> str | None:
     """The site a stored alarm change is about, from its subject (`up.<site>.alarm...` from
     the site itself, `center.alarm.<site>` from a center service, `center.alarms.ack.<site>`)."""
@@ -72,3 +75,12 @@ def stream_seq(reply: str) -> int:
     tokens = reply.split(".")
     offset = 5 if len(tokens) == 9 else 7
     return int(tokens[offset])
+
+
+def waiting_in_stream(reply: str) -> int:
+    """How many messages the consumer has still to deliver after this one (`num_pending` in
+    the reply subject's metadata, short or long form, as `stream_seq` reads it); 0 if the
+    reply is not a JetStream delivery's."""
+    tokens = reply.split(".")
+    pending = tokens[8] if len(tokens) == 9 else tokens[10] if len(tokens) >= 11 else ""
+    return int(pending) if pending.isdigit() else 0

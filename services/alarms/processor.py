@@ -2,9 +2,12 @@
 acknowledgements (ALARM_ACTIVITY) with durable consumers, apply them (`state`), tell operators
 (`storm`), then write the changed records to KV and ack what was consumed.
 
-Writes are coalesced per alarm and compare-and-set: a second writer is detected, never ignored.
-The consumed messages are acked (AckPolicy.ALL) only once the state they led to is stored, so
-a crash replays them; `source`/`seq` on each record make the replay a no-op where it was stored.
+The stream is the log and the KV table its checkpoint. Writes are coalesced per alarm (more so
+while a backlog waits: `busy_flush_every_s`) and compare-and-set: a second writer is detected,
+never ignored. The consumed messages are acked (AckPolicy.ALL) only once the state they led to
+is stored, and each leadership term starts its consumers right after their ack floor, so a
+crash replays them in order; `source`/`seq` on each record make the replay a no-op where it
+was stored.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from datetime import datetime
 
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NotFoundError
 
 from bus import subjects
 from bus.client import MSG_ID_HEADER, Bus
@@ -32,7 +35,13 @@ from schemas.alarms import AlarmAcknowledged, AlarmRaised, AlarmRecord
 from schemas.envelope import utc_now
 from schemas.errors import EventDecodeError
 from services.alarms.config import AlarmsConfig
-from services.alarms.inputs import ChangeDecoder, origin_problem, site_of, stream_seq
+from services.alarms.inputs import (
+    ChangeDecoder,
+    origin_problem,
+    site_of,
+    stream_seq,
+    waiting_in_stream,
+)
 from services.alarms.state import (
     alarm_key,
     apply_ack,
@@ -69,6 +78,8 @@ class _Feed:
     acks: bool  # acknowledgements, not raises/clears
     pull: PullFeed | None = None
     to_ack: Msg | None = None  # the last message whose effect awaits the next flush
+    unacked: int = 0  # consumed messages up to `to_ack`
+    waiting: int = 0  # messages still in the stream behind the last one consumed
 
 
 def _feeds() -> list[_Feed]:
@@ -117,24 +128,44 @@ class AlarmProcessor:
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Take the table over from KV (through the mirror, once it caught up), then consume."""
+        """Take the table over from KV (through the mirror, once it caught up), then consume.
+
+        While this processor writes the table, the mirror follows it through `remember`
+        rather than by watching the bucket (see `KvMirror.pause`)."""
+        await self._mirror.resume()
         await self._load()
+        await self._mirror.pause()
         await self._publisher.start()
         config = self._config
         for feed in self._feeds:
-            consumer = ConsumerConfig(
-                durable_name=feed.consumer,
-                ack_policy=AckPolicy.ALL,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=config.ack_wait_s,
-                max_ack_pending=config.max_ack_pending,
-                max_deliver=-1,
-                filter_subjects=list(feed.filters) or None,
-            )
-            await self._bus.js.add_consumer(feed.stream, config=consumer)
+            await self._declare_after_ack_floor(feed)
             feed.pull = PullFeed(self._bus.nc, feed.stream, feed.consumer, batch=config.batch_size)
             await feed.pull.start()
         self._log.info("alarm_processing_started", records=len(self.table))
+
+    async def _declare_after_ack_floor(self, feed: _Feed) -> None:
+        """(Re)create the feed's durable consumer so it delivers, in stream order, everything
+        after its ack floor. A previous leader may have consumed past the floor without storing
+        (it died, or lost the lease): left to the ack wait, those messages would come back after
+        later ones had been applied, and be skipped as already applied."""
+        js, config = self._bus.js, self._config
+        try:
+            floor = (await js.consumer_info(feed.stream, feed.consumer)).ack_floor.stream_seq
+        except NotFoundError:
+            floor = None
+        else:
+            await js.delete_consumer(feed.stream, feed.consumer)
+        consumer = ConsumerConfig(
+            durable_name=feed.consumer,
+            ack_policy=AckPolicy.ALL,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if floor else DeliverPolicy.ALL,
+            opt_start_seq=floor + 1 if floor else None,
+            ack_wait=config.ack_wait_s,
+            max_ack_pending=config.max_ack_pending,
+            max_deliver=-1,
+            filter_subjects=list(feed.filters) or None,
+        )
+        await js.add_consumer(feed.stream, config=consumer)
 
     async def _load(self) -> None:
         info = await self._bus.js.stream_info(KV_STREAM)
@@ -186,6 +217,8 @@ class AlarmProcessor:
                 await feed.pull.stop()
                 feed.pull = None
         await self._publisher.close()
+        with contextlib.suppress(Exception):  # retried by the service's mirror check
+            await self._mirror.resume()
         self._log.info("alarm_processing_stopped", **dict(self.stats))
 
     # -- consuming --------------------------------------------------------------------
@@ -202,8 +235,14 @@ class AlarmProcessor:
                     if problem is not None:
                         await self._dead_letter(msg, *problem)
                 feed.to_ack = msgs[-1]
+                feed.unacked += len(msgs)
+                feed.waiting = waiting_in_stream(msgs[-1].reply)
             if self._flush_due():
                 await self.flush()
+            elif msgs:
+                # A backlog never empties the buffer, so `next_batch` would never yield: let
+                # the lease renewal and the socket reader run between batches.
+                await asyncio.sleep(0)
 
     def _apply(self, feed: _Feed, msg: Msg, now: datetime, now_s: float) -> tuple[str, str] | None:
         """Apply one stored message to the table; (reason, detail) if it must be dead-lettered."""
@@ -307,13 +346,18 @@ class AlarmProcessor:
         return not pending and not self._flush_lock.locked()
 
     def _flush_due(self) -> bool:
-        pending = bool(self._dirty or self._notices or any(f.to_ack for f in self._feeds))
+        feeds, config = self._feeds, self._config
+        pending = bool(self._dirty or self._notices or any(f.to_ack for f in feeds))
         if not pending:
             return False
-        return (
-            len(self._dirty) >= self._config.max_dirty
-            or self._monotonic() - self._last_flush >= self._config.flush_every_s
-        )
+        if (
+            len(self._dirty) >= config.max_dirty
+            or sum(f.unacked for f in feeds) * 2 >= config.max_ack_pending
+        ):
+            return True
+        behind = sum(f.waiting for f in feeds) > config.behind_after
+        every = config.busy_flush_every_s if behind else config.flush_every_s
+        return self._monotonic() - self._last_flush >= every
 
     async def flush(self) -> None:
         """Store summaries and changed records, then ack what led to them, then tell."""
@@ -323,9 +367,11 @@ class AlarmProcessor:
                 raise WriteConflict("the lease lapsed: not the leader any more")
             dirty, self._dirty = self._dirty, {}
             notices, self._notices = self._notices, []
-            to_ack = [(feed, feed.to_ack) for feed in self._feeds if feed.to_ack is not None]
+            to_ack = [
+                (feed, feed.to_ack, feed.unacked) for feed in self._feeds if feed.to_ack is not None
+            ]
             for feed in self._feeds:
-                feed.to_ack = None
+                feed.to_ack, feed.unacked = None, 0
             stored = False
             try:
                 await self._store_notices([n for n in notices if n.store])
@@ -351,14 +397,15 @@ class AlarmProcessor:
                 self._restore_acks(to_ack)
                 self.stats["flush_failures"] += 1
                 return
-            for _, msg in to_ack:
+            for _, msg, _ in to_ack:
                 with contextlib.suppress(Exception):  # lost ack: redelivered, then a no-op
                     await msg.ack()
             self.stats["flushes"] += 1
             await self._tell([n for n in notices if n.live])
 
-    def _restore_acks(self, to_ack: list[tuple[_Feed, Msg]]) -> None:
-        for feed, msg in to_ack:
+    def _restore_acks(self, to_ack: list[tuple[_Feed, Msg, int]]) -> None:
+        for feed, msg, unacked in to_ack:
+            feed.unacked += unacked
             if feed.to_ack is None:
                 feed.to_ack = msg
 

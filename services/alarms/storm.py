@@ -1,5 +1,6 @@
 """What operators are told about alarm changes: one notice per change while calm; in a storm,
-per-site rate limits and periodic summaries instead. A small state machine over plain data.
+per-site and fleet-wide rate limits and periodic summaries instead. A small state machine over
+plain data.
 
 Nothing here drops history: it only decides notices (and which summaries are stored).
 """
@@ -16,16 +17,21 @@ from schemas.alarms import AlarmNotice, AlarmRecord, AlarmState, NoticeKind
 @dataclass(frozen=True)
 class StormPolicy:
     """Each site may send operators `site_rate_per_s` notices a second (bursts of
-    `site_burst`); what is held back, and flapping alarms, are summarised every
-    `summary_every_s`."""
+    `site_burst`), and the whole fleet `fleet_rate_per_s` (bursts of `fleet_burst`): a storm
+    over many sites at once (a regional power cut) floods operators as surely as one site
+    does. What is held back, and flapping alarms, are summarised every `summary_every_s`."""
 
     site_rate_per_s: float = 5.0
     site_burst: int = 50
+    fleet_rate_per_s: float = 200.0
+    fleet_burst: int = 1000
     summary_every_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.site_rate_per_s <= 0 or self.site_burst < 1 or self.summary_every_s <= 0:
             raise ValueError("need site_rate_per_s > 0, site_burst >= 1, summary_every_s > 0")
+        if self.fleet_rate_per_s <= 0 or self.fleet_burst < 1:
+            raise ValueError("need fleet_rate_per_s > 0 and fleet_burst >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +44,24 @@ class Notice:
 
 
 @dataclass(slots=True)
-class _Site:
+class _Bucket:
+    """A token bucket: `rate` tokens a second up to `burst`."""
+
+    rate: float
+    burst: float
     tokens: float
     refilled_at: float
+
+    def refill(self, now_s: float) -> None:
+        elapsed = now_s - self.refilled_at
+        if elapsed > 0:
+            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+            self.refilled_at = now_s
+
+
+@dataclass(slots=True)
+class _Site:
+    bucket: _Bucket
     held_back: int = 0
     summarized_at: float = 0.0
 
@@ -58,21 +79,28 @@ class StormGuard:
         self.policy = policy or StormPolicy()
         self._sites: dict[str, _Site] = {}
         self._flaps: dict[str, _Flap] = {}
+        self._fleet: _Bucket | None = None
         self.held_back = 0  # notices replaced by summaries, since start
 
     def _allow(self, site: str, now_s: float) -> bool:
+        """Take a token from the site's bucket and the fleet's, or count the notice held back
+        (for the site's next storm summary). A refused notice takes no token from either."""
         policy = self.policy
         state = self._sites.get(site)
         if state is None:
-            state = _Site(tokens=float(policy.site_burst), refilled_at=now_s, summarized_at=now_s)
+            burst = float(policy.site_burst)
+            state = _Site(_Bucket(policy.site_rate_per_s, burst, burst, now_s), summarized_at=now_s)
             self._sites[site] = state
-        elapsed = max(0.0, now_s - state.refilled_at)
-        state.tokens = min(
-            float(policy.site_burst), state.tokens + elapsed * policy.site_rate_per_s
-        )
-        state.refilled_at = now_s
-        if state.tokens >= 1.0:
-            state.tokens -= 1.0
+        fleet = self._fleet
+        if fleet is None:
+            burst = float(policy.fleet_burst)
+            fleet = self._fleet = _Bucket(policy.fleet_rate_per_s, burst, burst, now_s)
+        bucket = state.bucket
+        bucket.refill(now_s)
+        fleet.refill(now_s)
+        if bucket.tokens >= 1.0 and fleet.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            fleet.tokens -= 1.0
             return True
         state.held_back += 1
         self.held_back += 1
