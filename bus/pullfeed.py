@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from bus.log import get_logger
+from bus.natsclient import EdgebusNatsClient
 
 DEFAULT_API_PREFIX = "$JS.API"
 _STATUS = "Status"
@@ -67,6 +68,7 @@ class PullFeed:
         self._error: PullFeedError | None = None
         self._inbox = ""
         self._sub: Subscription | None = None
+        self._sending: set[asyncio.Task[None]] = set()
         self._log = get_logger("bus.pullfeed", stream=stream, consumer=consumer)
 
     @property
@@ -76,12 +78,16 @@ class PullFeed:
     async def start(self) -> None:
         self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+        if isinstance(self._nc, EdgebusNatsClient):  # deliveries skip nats-py's queue
+            self._nc.deliver_directly(self._sub, self._on_delivery)
         await self._request()
 
     async def stop(self, *, nak_buffered: bool = True) -> None:
         """Stop pulling; buffered (never handed out) messages are nak'ed to come back first."""
         if self._sub is not None:
             sub, self._sub = self._sub, None
+            if isinstance(self._nc, EdgebusNatsClient):
+                self._nc.deliver_directly(sub, None)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         while self._buffer:
@@ -126,6 +132,9 @@ class PullFeed:
             return
         self._outstanding = self._batch
         self._requested_at = time.monotonic()
+        await self._send_request()
+
+    async def _send_request(self) -> None:
         try:
             await self._nc.publish(self._next_subject, self._request_body, reply=self._inbox)
         except Exception as exc:  # disconnected: the lost-request check retries later
@@ -141,6 +150,19 @@ class PullFeed:
         self._outstanding -= 1
         if self._outstanding <= 0 and self._has_room():
             await self._request()
+
+    def _on_delivery(self, msg: Msg) -> None:
+        """`_on_msg` for a delivery handed over directly, as it is parsed: it must not wait, so
+        the next pull request is claimed now and sent by a task."""
+        self._buffer.append(msg)
+        self._arrived.set()
+        self._outstanding -= 1
+        if self._outstanding <= 0 and self._has_room() and self._sub is not None:
+            self._outstanding = self._batch
+            self._requested_at = time.monotonic()
+            task = asyncio.get_running_loop().create_task(self._send_request())
+            self._sending.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(self._sending.discard)
 
     async def _on_status(self, status: str, description: str) -> None:
         if status == _HEARTBEAT:

@@ -95,13 +95,14 @@ class StormGuard:
         if fleet is None:
             burst = float(policy.fleet_burst)
             fleet = self._fleet = _Bucket(policy.fleet_rate_per_s, burst, burst, now_s)
-        bucket = state.bucket
-        bucket.refill(now_s)
         fleet.refill(now_s)
-        if bucket.tokens >= 1.0 and fleet.tokens >= 1.0:
-            bucket.tokens -= 1.0
-            fleet.tokens -= 1.0
-            return True
+        if fleet.tokens >= 1.0:  # in a fleet-wide storm, the site's bucket need not be read
+            bucket = state.bucket
+            bucket.refill(now_s)
+            if bucket.tokens >= 1.0:
+                bucket.tokens -= 1.0
+                fleet.tokens -= 1.0
+                return True
         state.held_back += 1
         self.held_back += 1
         return False
