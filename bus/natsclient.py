@@ -20,6 +20,33 @@ from nats.aio.subscription import Subscription
 from bus.wireparser import WireParser
 
 DirectHandler = Callable[[Msg], None]
+_HEADER_LINE = b"NATS/1.0\r\n"
+_STATUS_AT = len(b"NATS/1.0")  # a space there: an inline status ("NATS/1.0 408 ...")
+_SPACE = ord(" ")
+
+
+class DeliveredMsg(Msg):
+    """A message whose header block is parsed when `headers` is first read (a JetStream
+    delivery's `Nats-Msg-Id` is seldom read by its consumer): the value nats-py's
+    `_process_headers` gives a block without an inline status."""
+
+    _raw_headers: bytes | None = None
+    _headers: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        raw = self._raw_headers
+        if raw is not None:
+            self._raw_headers = None
+            if len(raw) > len(_HEADER_LINE):
+                self._headers = EdgebusNatsClient._parse_header_lines(raw[len(_HEADER_LINE) :])
+            self._headers = self._headers or None
+        return self._headers
+
+    @headers.setter
+    def headers(self, value: dict[str, str] | None) -> None:
+        self._raw_headers = None
+        self._headers = value
 
 _CRLF = b"\r\n"
 # On an ASCII-decoded name, `\s` matches exactly what `str.isspace` does (checked for all
@@ -46,8 +73,14 @@ class EdgebusNatsClient(Client):
             self._direct.pop(sub._id, None)
         else:
             self._direct[sub._id] = handler
+        # Only a connection with direct subscriptions pays for the look-up: the instance
+        # attribute shadows nats-py's `_process_msg`, which the parser calls per message.
+        if self._direct:
+            vars(self)["_process_msg"] = self._process_msg_or_deliver
+        else:
+            vars(self).pop("_process_msg", None)
 
-    async def _process_msg(
+    async def _process_msg_or_deliver(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
     ) -> None:
         handler = self._direct.get(sid) if reply else None
@@ -57,6 +90,11 @@ class EdgebusNatsClient(Client):
         stats = self.stats
         stats["in_msgs"] += 1
         stats["in_bytes"] += len(data)
+        if headers and len(headers) > _STATUS_AT and headers[_STATUS_AT] != _SPACE:
+            msg = DeliveredMsg(self, subject.decode(), reply.decode(), data, None, _sid=sid)
+            msg._raw_headers = headers
+            handler(msg)
+            return
         headers_dict = await self._process_headers(headers) if headers else None
         handler(self._build_message(sid, subject, reply, data, headers_dict))
 

@@ -287,3 +287,62 @@ async def test_large_and_mixed_messages_arrive_intact_and_in_order(hub: NatsServ
     finally:
         await pub_nc.close()
         await sub_nc.close()
+
+
+# ---------------------------------------------------------------------------
+# Direct delivery: lazily parsed headers equal nats-py's
+# ---------------------------------------------------------------------------
+
+
+@settings(max_examples=1000)
+@given(_BLOCK)
+def test_a_delivered_message_reads_its_headers_as_nats_py_would(lines: bytes) -> None:
+    from bus.natsclient import DeliveredMsg
+
+    for raw in (b"NATS/1.0\r\n" + lines, b"NATS/1.0\r\n" + lines + b"\r\n\r\n", b"NATS/1.0\r\n"):
+        client = EdgebusNatsClient()
+        coro = Client._process_headers(client, raw)
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            expected = done.value
+        msg = DeliveredMsg(client, "s", "r", b"", None)
+        msg._raw_headers = raw
+        assert msg.headers == expected
+        assert msg.headers == expected  # parsed once, kept
+
+
+async def test_pull_deliveries_arrive_directly_with_their_headers(hub: NatsServerProcess) -> None:
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    from bus.natsclient import DeliveredMsg
+    from bus.pullfeed import PullFeed
+    from bus.streams import StreamSpec, ensure_stream
+
+    nc = await open_connection(NatsConfig.from_url(hub.url, name="direct-test"))
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, StreamSpec(name="DIRECT", subjects=("direct.>",)))
+        for n in range(5):
+            await js.publish("direct.x", str(n).encode(), headers={"Nats-Msg-Id": f"id-{n}"})
+        await js.publish("direct.x", b"5")  # no headers at all
+        await js.add_consumer("DIRECT", ConsumerConfig(durable_name="c", ack_policy=AckPolicy.ALL))
+        feed = PullFeed(nc, "DIRECT", "c", batch=10, expires_s=1.0)
+        await feed.start()
+        got: list[Any] = []
+        while len(got) < 6:
+            got += await feed.next_batch(10, timeout_s=5)
+        assert [m.data for m in got] == [str(n).encode() for n in range(6)]
+        assert all(isinstance(m, DeliveredMsg) for m in got[:5])
+        assert [m.headers for m in got] == [{"Nats-Msg-Id": f"id-{n}"} for n in range(5)] + [None]
+        assert got[0].metadata.sequence.stream == 1
+        await asyncio.sleep(1.5)  # the pull request expires: its 408 status takes the callback
+        await got[-1].ack()
+        await js.publish("direct.x", b"6", headers={"Nats-Msg-Id": "id-6"})
+        [late] = await feed.next_batch(10, timeout_s=5)
+        assert late.data == b"6" and late.headers == {"Nats-Msg-Id": "id-6"}
+        assert "_process_msg" in vars(nc)  # this connection looks up direct subscriptions ...
+        await feed.stop()
+        assert "_process_msg" not in vars(nc)  # ... and, with none left, no longer does
+    finally:
+        await nc.close()
