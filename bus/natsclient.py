@@ -20,6 +20,10 @@ from nats.aio.subscription import Subscription
 from bus.wireparser import WireParser
 
 DirectHandler = Callable[[Msg], None]
+_CRLF = b"\r\n"
+# On an ASCII-decoded name, `\s` matches exactly what `str.isspace` does (checked for all
+# 128 characters in tests/test_natsclient.py).
+_WHITESPACE = re.compile(r"\s")
 _HEADER_LINE = b"NATS/1.0\r\n"
 _STATUS_AT = len(b"NATS/1.0")  # a space there: an inline status ("NATS/1.0 408 ...")
 _SPACE = ord(" ")
@@ -48,11 +52,6 @@ class DeliveredMsg(Msg):
         self._raw_headers = None
         self._headers = value
 
-_CRLF = b"\r\n"
-# On an ASCII-decoded name, `\s` matches exactly what `str.isspace` does (checked for all
-# 128 characters in tests/test_natsclient.py).
-_WHITESPACE = re.compile(r"\s")
-
 
 class EdgebusNatsClient(Client):
     """nats-py's `Client`; `_parse_header_lines` and the protocol parser give the same results
@@ -66,9 +65,10 @@ class EdgebusNatsClient(Client):
     def deliver_directly(self, sub: Subscription, handler: DirectHandler | None) -> None:
         """Give `sub`'s messages that carry a reply subject (JetStream deliveries) to `handler`
         as soon as they are parsed, in order, instead of through the subscription's queue and
-        task (measured: ~60% of nats-py's per-message cost after parsing). `handler` must not
-        block: it only takes the message. Messages without a reply (a pull request's status:
-        408, 409, heartbeats) still go to the subscription's callback. None: stop."""
+        task (under cProfile in the alarm storm: 59 -> 21 µs a delivery after parsing).
+        `handler` must not block: it only takes the message. Messages without a reply (a pull
+        request's status: 408, 409, heartbeats) still go to the subscription's callback.
+        None: stop."""
         if handler is None:
             self._direct.pop(sub._id, None)
         else:
