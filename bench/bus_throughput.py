@@ -162,31 +162,37 @@ class _Tally:
         }
 
 
-async def _subscribe_raw(job: Job, tally: _Tally) -> Closer:
+async def _connect_raw(job: Job, role: str) -> Any:
+    """nats-py's own client, as a user of plain nats-py would connect."""
     import nats
 
-    nc = await nats.connect(job.url, pending_size=PENDING_SIZE)
-
-    async def on_message(msg: Any) -> None:
-        tally.hit()
-
-    await nc.subscribe(job.subject, cb=on_message)
-    await nc.flush()
-    return nc.close
+    return await nats.connect(job.url, pending_size=PENDING_SIZE)
 
 
-async def _subscribe_raw_bus(job: Job, tally: _Tally) -> Closer:
+async def _connect_raw_bus(job: Job, role: str) -> Any:
+    """The client every `Bus` connection uses (same pending buffer as above)."""
     from bus.client import open_connection
     from bus.config import NatsConfig
 
-    nc = await open_connection(NatsConfig.from_url(job.url, name="bench-sub"))
+    return await open_connection(NatsConfig.from_url(job.url, name=f"bench-{role}"))
 
+
+async def _count_bytes(nc: Any, job: Job, tally: _Tally) -> Closer:
     async def on_message(msg: Any) -> None:
         tally.hit()
 
     await nc.subscribe(job.subject, cb=on_message)
     await nc.flush()
-    return nc.close
+    closer: Closer = nc.close
+    return closer
+
+
+async def _subscribe_raw(job: Job, tally: _Tally) -> Closer:
+    return await _count_bytes(await _connect_raw(job, "sub"), job, tally)
+
+
+async def _subscribe_raw_bus(job: Job, tally: _Tally) -> Closer:
+    return await _count_bytes(await _connect_raw_bus(job, "sub"), job, tally)
 
 
 async def _subscribe_typed(job: Job, tally: _Tally) -> Closer:
@@ -243,28 +249,16 @@ class _Clock:
 
 
 async def _publish_raw(job: Job) -> _Clock:
-    import nats
-
-    data = sample_event_bytes()
-    nc = await nats.connect(job.url, pending_size=PENDING_SIZE)
-    publish, subject, every = nc.publish, job.subject, job.yield_every
-    clock = _Clock()
-    for i in range(1, job.n + 1):
-        await publish(subject, data)
-        if i % every == 0:
-            await asyncio.sleep(0)
-    await nc.flush()
-    clock.stop()
-    await nc.close()
-    return clock
+    return await _publish_bytes(await _connect_raw(job, "pub"), job)
 
 
 async def _publish_raw_bus(job: Job) -> _Clock:
-    from bus.client import open_connection
-    from bus.config import NatsConfig
+    return await _publish_bytes(await _connect_raw_bus(job, "pub"), job)
 
+
+async def _publish_bytes(nc: Any, job: Job) -> _Clock:
+    """One pre-encoded event, N times: the raw paths' publisher."""
     data = sample_event_bytes()
-    nc = await open_connection(NatsConfig.from_url(job.url, name="bench-pub"))
     publish, subject, every = nc.publish, job.subject, job.yield_every
     clock = _Clock()
     for i in range(1, job.n + 1):
