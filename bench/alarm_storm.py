@@ -201,8 +201,10 @@ async def check_state(bus: Bus, alarms: int, flaps: int) -> dict[str, Any]:
         if key.startswith(f"{FLAPPER}."):
             entry = await kv.get(key)
             flapper = AlarmRecord.model_validate_json(entry.value or b"")
+    stored = await bus.js.stream_info(f"KV_{ALARMS_KV.bucket}")
     return {
         "records": len(keys),
+        "kv_writes": stored.state.last_seq,
         "alarms": alarms,
         "flapper_changes": flapper.transitions if flapper else 0,
         "flaps": flaps,
@@ -242,11 +244,13 @@ async def run(
             await bus.close()
     rows = [
         [n + 1, raw_rates[n], ours[n]["rate"], ours[n]["rate"] / raw_rates[n],
-         ours[n]["cpu_cores"], checks[n]["records"], checks[n]["flapper_caught"]]
+         ours[n]["cpu_cores"], checks[n]["records"], checks[n]["kv_writes"],
+         checks[n]["flapper_caught"]]
         for n in range(rounds)
     ]  # fmt: skip
     print(format_table(
-        ["round", "raw msg/s", "alarms/s", "ratio", "service cores", "records", "flap caught"], rows
+        ["round", "raw msg/s", "alarms/s", "ratio", "service cores", "records", "KV writes",
+         "flap caught"], rows
     ))  # fmt: skip
     bad = [
         c
@@ -272,6 +276,7 @@ async def run(
             "service_cpu_cores": median(o["cpu_cores"] for o in ours),
             "service_rss_mb": max(o["rss_mb"] for o in ours),
             "records": checks[-1]["records"],
+            "kv_writes_per_change": median(c["kv_writes"] for c in checks) / events,
             **machine_info(),
         },
     )

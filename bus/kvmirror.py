@@ -1,7 +1,8 @@
 """`KvMirror`: an in-memory copy of a JetStream KV bucket, kept current by a watcher.
 
 Values are parsed once on arrival; a watchdog re-synchronises a copy whose watcher stalled.
-The bucket's single writer may pause the watcher and `remember` its own writes instead.
+The bucket's single writer may pause the watcher and `remember` its own writes instead (as
+values, or as the bytes it wrote, parsed only when the copy is next read).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class KvMirror(Generic[T]):
         self._parse = parse
         self._on_change = on_change
         self._values: dict[str, T] = {}
+        self._encoded: dict[str, bytes] = {}  # our own writes, parsed when next read
         self._revisions: dict[str, int] = {}
         self._applied = 0
         self._checked_at = -1
@@ -59,9 +61,11 @@ class KvMirror(Generic[T]):
     # -- reads ------------------------------------------------------------------------
 
     def get(self, key: str) -> T | None:
+        self._parse_encoded()
         return self._values.get(key)
 
     def items(self) -> ItemsView[str, T]:
+        self._parse_encoded()
         return self._values.items()
 
     def revision(self, key: str) -> int:
@@ -74,11 +78,36 @@ class KvMirror(Generic[T]):
         return self._applied
 
     def __len__(self) -> int:
+        self._parse_encoded()
         return len(self._values)
 
     def remember(self, key: str, value: T | None, revision: int) -> None:
         """Take a write we made ourselves now, without waiting for the watcher to echo it."""
         self._store(key, value, revision, notify=True)
+
+    def remember_encoded(self, key: str, data: bytes, revision: int) -> None:
+        """`remember` a value we wrote from the bytes we wrote: parsed when this copy is next
+        read, so a writer that seldom reads its own copy (a leader in a storm) never pays
+        for it. With an `on_change`, parsed now: it is told of each change as it happens."""
+        if self._on_change is not None:
+            value = self._parse(key, data)
+            if value is not None:
+                self._store(key, value, revision, notify=True)
+            return
+        if revision <= self._revisions.get(key, 0):
+            return
+        self._revisions[key] = revision
+        self._encoded[key] = data
+
+    def _parse_encoded(self) -> None:
+        if not self._encoded:
+            return
+        encoded, self._encoded = self._encoded, {}
+        for key, data in encoded.items():
+            value = self._parse(key, data)
+            if value is None:  # not ours to keep (logged by `parse`): as the watcher would
+                continue
+            self._values[key] = value
 
     # -- the watcher ------------------------------------------------------------------
 
@@ -166,6 +195,7 @@ class KvMirror(Generic[T]):
         if revision <= self._revisions.get(key, 0):
             return
         self._revisions[key] = revision
+        self._encoded.pop(key, None)  # older than this
         before = self._values.get(key)
         if value is None:
             self._values.pop(key, None)

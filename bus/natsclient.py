@@ -27,6 +27,8 @@ _WHITESPACE = re.compile(r"\s")
 _HEADER_LINE = b"NATS/1.0\r\n"
 _STATUS_AT = len(b"NATS/1.0")  # a space there: an inline status ("NATS/1.0 408 ...")
 _SPACE = ord(" ")
+_NOT_DIRECT: tuple[DirectHandler | None, bool] = (None, True)
+_new_object = object.__new__
 
 
 class DeliveredMsg(Msg):
@@ -52,6 +54,24 @@ class DeliveredMsg(Msg):
         self._raw_headers = None
         self._headers = value
 
+    @classmethod
+    def parsed(
+        cls, client: Client, subject: str, reply: str, data: bytes, raw: bytes, sid: int
+    ) -> DeliveredMsg:
+        """`DeliveredMsg(client, subject, reply, data, _sid=sid)` holding header block `raw`,
+        built without the dataclass `__init__` (and its trip through the `headers` setter):
+        the other fields keep their class defaults, as `__init__` would set them (tested)."""
+        msg = _new_object(cls)
+        msg.__dict__ = {
+            "_client": client,
+            "subject": subject,
+            "reply": reply,
+            "data": data,
+            "_sid": sid,
+            "_raw_headers": raw,
+        }
+        return msg
+
 
 class EdgebusNatsClient(Client):
     """nats-py's `Client`; `_parse_header_lines` and the protocol parser give the same results
@@ -60,19 +80,21 @@ class EdgebusNatsClient(Client):
     def __init__(self) -> None:
         super().__init__()
         self._ps = WireParser(self)
-        self._direct: dict[int, DirectHandler] = {}
+        self._direct: dict[int, tuple[DirectHandler, bool]] = {}
 
-    def deliver_directly(self, sub: Subscription, handler: DirectHandler | None) -> None:
+    def deliver_directly(
+        self, sub: Subscription, handler: DirectHandler | None, *, replies_only: bool = True
+    ) -> None:
         """Give `sub`'s messages that carry a reply subject (JetStream deliveries) to `handler`
         as soon as they are parsed, in order, instead of through the subscription's queue and
         task (under cProfile in the alarm storm: 59 -> 21 µs a delivery after parsing).
         `handler` must not block: it only takes the message. Messages without a reply (a pull
-        request's status: 408, 409, heartbeats) still go to the subscription's callback.
-        None: stop."""
+        request's status: 408, 409, heartbeats) still go to the subscription's callback,
+        unless not `replies_only` (an inbox of replies: all go to `handler`). None: stop."""
         if handler is None:
             self._direct.pop(sub._id, None)
         else:
-            self._direct[sub._id] = handler
+            self._direct[sub._id] = (handler, replies_only)
         # Only a connection with direct subscriptions pays for the look-up: the instance
         # attribute shadows nats-py's `_process_msg`, which the parser calls per message.
         if self._direct:
@@ -83,17 +105,15 @@ class EdgebusNatsClient(Client):
     async def _process_msg_or_deliver(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
     ) -> None:
-        handler = self._direct.get(sid) if reply else None
-        if handler is None:
+        handler, replies_only = self._direct.get(sid, _NOT_DIRECT)
+        if handler is None or (replies_only and not reply):
             await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
             return
         stats = self.stats
         stats["in_msgs"] += 1
         stats["in_bytes"] += len(data)
         if headers and len(headers) > _STATUS_AT and headers[_STATUS_AT] != _SPACE:
-            msg = DeliveredMsg(self, subject.decode(), reply.decode(), data, None, _sid=sid)
-            msg._raw_headers = headers
-            handler(msg)
+            handler(DeliveredMsg.parsed(self, subject.decode(), reply.decode(), data, headers, sid))
             return
         headers_dict = await self._process_headers(headers) if headers else None
         handler(self._build_message(sid, subject, reply, data, headers_dict))

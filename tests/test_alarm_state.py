@@ -4,10 +4,10 @@ flap detection, storm notices, site summaries and health. No server.
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from pydantic import ValidationError
 
 from schemas import REGISTRY, new_event
 from schemas.alarms import (
@@ -29,6 +29,7 @@ from services.alarms.inputs import (
     waiting_in_stream,
 )
 from services.alarms.state import (
+    AlarmEntry,
     FlapPolicy,
     alarm_key,
     apply_ack,
@@ -80,7 +81,7 @@ def cleared(
     )
 
 
-def flap(record: AlarmRecord | None, changes: list[AlarmRaised | AlarmCleared], first_seq: int = 1):
+def flap(record: AlarmEntry | None, changes: list[AlarmRaised | AlarmCleared], first_seq: int = 1):
     seq = first_seq
     for change in changes:
         apply = apply_raised if isinstance(change, AlarmRaised) else apply_cleared
@@ -175,11 +176,11 @@ def test_storm_guard_rate_limits_per_site_and_summarises() -> None:
     guard = StormGuard(StormPolicy(site_rate_per_s=1, site_burst=3, summary_every_s=10))
     record = apply_raised(None, raised(T0), source=UP, seq=1, now=T0, policy=POLICY)
     assert record is not None
-    told = [len(guard.on_change(None, record, now_s=0.0, at=T0)) for _ in range(5)]
+    told = [len(guard.on_change(record, False, now_s=0.0, at=T0)) for _ in range(5)]
     assert told == [1, 1, 1, 0, 0]  # burst of 3, then held back
-    other = record.model_copy(update={"site": "s2"})
-    assert len(guard.on_change(None, other, now_s=0.0, at=T0)) == 1  # budgets are per site
-    assert len(guard.on_change(None, record, now_s=1.5, at=T0)) == 1  # refilled 1/s
+    other = replace(record, site="s2")
+    assert len(guard.on_change(other, False, now_s=0.0, at=T0)) == 1  # budgets are per site
+    assert len(guard.on_change(record, False, now_s=1.5, at=T0)) == 1  # refilled 1/s
     assert guard.tick([], now_s=5.0, at=T0) == []  # summary not due yet
     summaries = guard.tick([], now_s=10.0, at=T0)
     assert [(n.notice.kind, n.notice.site, n.notice.suppressed, n.store) for n in summaries] == [
@@ -193,20 +194,21 @@ def test_storm_guard_tells_flapping_once_then_summaries_then_the_end() -> None:
     for i in range(4):
         at = T0 + timedelta(seconds=i)
         changes.append(raised(at) if i % 2 == 0 else cleared(at))
-    before = flap(None, changes[:3])
-    after = flap(before, changes[3:], first_seq=4)
-    started = guard.on_change(before, after, now_s=0.0, at=T0)
+    entry = flap(None, changes[:3])
+    assert entry is not None and not entry.flapping
+    flap(entry, changes[3:], first_seq=4)
+    started = guard.on_change(entry, False, now_s=0.0, at=T0)
     assert [(n.notice.kind, n.store, n.live) for n in started] == [
         (NoticeKind.FLAPPING_STARTED, True, True)
     ]
-    more = flap(after, [raised(T0 + timedelta(seconds=5)), cleared(T0 + timedelta(seconds=6))], 5)
-    assert guard.on_change(after, more, now_s=1.0, at=T0) == []  # flapping: summarised later
-    summary = guard.tick([more], now_s=10.0, at=T0)
+    flap(entry, [raised(T0 + timedelta(seconds=5)), cleared(T0 + timedelta(seconds=6))], 5)
+    assert guard.on_change(entry, True, now_s=1.0, at=T0) == []  # flapping: summarised later
+    summary = guard.tick([entry], now_s=10.0, at=T0)
     assert [(n.notice.kind, n.notice.suppressed) for n in summary] == [(NoticeKind.FLAP_SUMMARY, 2)]
-    assert guard.tick([more], now_s=30.0, at=T0) == []  # nothing new since
-    settled = settle_flapping(more, T0 + timedelta(hours=1), POLICY)
-    assert settled is not None
-    ended = guard.on_settled(more, settled, T0 + timedelta(hours=1))
+    assert guard.tick([entry], now_s=30.0, at=T0) == []  # nothing new since
+    suppressed = entry.suppressed
+    assert settle_flapping(entry, T0 + timedelta(hours=1), POLICY) is entry
+    ended = guard.on_settled(entry, suppressed, T0 + timedelta(hours=1))
     assert [(n.notice.kind, n.notice.suppressed, n.store) for n in ended] == [
         (NoticeKind.FLAPPING_ENDED, 2, True)
     ]
@@ -218,7 +220,7 @@ def test_storm_guard_tells_flapping_once_then_summaries_then_the_end() -> None:
 def record_of(
     site: str, entity: str, severity: Severity, *, active: bool = True, acked: bool = False
 ) -> AlarmRecord:
-    record = apply_raised(
+    entry = apply_raised(
         None,
         raised(T0, site=site, entity=entity, severity=severity),
         source=UP,
@@ -226,14 +228,14 @@ def record_of(
         now=T0,
         policy=POLICY,
     )
-    assert record is not None
+    assert entry is not None
     if acked:
-        ack = AlarmAcknowledged(alarm_id=record.alarm_id, site=site, raised_at=T0, by="x", at=T0)
-        record = apply_ack(record, ack, now=T0) or record
+        ack = AlarmAcknowledged(alarm_id=entry.alarm_id, site=site, raised_at=T0, by="x", at=T0)
+        apply_ack(entry, ack, now=T0)
     if not active:
         gone = cleared(T0, site=site, entity=entity)
-        record = apply_cleared(record, gone, source=UP, seq=2, now=T0, policy=POLICY) or record
-    return record
+        apply_cleared(entry, gone, source=UP, seq=2, now=T0, policy=POLICY)
+    return entry.record()
 
 
 def test_summary_counts_open_alarms_and_rolls_up_health() -> None:
@@ -273,10 +275,11 @@ def test_select_filters_and_orders_worst_first() -> None:
 
 
 def test_prunable_only_long_cleared_settled_alarms() -> None:
-    gone = record_of("s1", "a", Severity.MAJOR, active=False)
+    gone = AlarmEntry.of(record_of("s1", "a", Severity.MAJOR, active=False))
     assert not prunable(gone, T0 + timedelta(hours=1), retention_s=86400)
     assert prunable(gone, T0 + timedelta(days=2), retention_s=86400)
-    assert not prunable(record_of("s1", "b", Severity.MAJOR), T0 + timedelta(days=9), 86400)
+    still = AlarmEntry.of(record_of("s1", "b", Severity.MAJOR))
+    assert not prunable(still, T0 + timedelta(days=9), 86400)
 
 
 # -- what comes in --------------------------------------------------------------------------------
@@ -345,34 +348,34 @@ def test_storm_guard_limits_the_whole_fleet_and_summarises_per_site() -> None:
     told: dict[str, int] = {}
     for n in range(10):  # ten calm sites, one change each, all at once: a regional storm
         site = f"s{n}"
-        record = apply_raised(
-            None, raised(T0, site=site), source=UP, seq=1, now=T0, policy=POLICY
-        )
+        record = apply_raised(None, raised(T0, site=site), source=UP, seq=1, now=T0, policy=POLICY)
         assert record is not None
-        told[site] = len(guard.on_change(None, record, now_s=0.0, at=T0))
+        told[site] = len(guard.on_change(record, False, now_s=0.0, at=T0))
     assert sum(told.values()) == 4  # the fleet's burst, though each site had budget left
     assert guard.held_back == 6
     late = apply_raised(None, raised(T0, site="s0"), source=UP, seq=2, now=T0, policy=POLICY)
     assert late is not None
-    assert len(guard.on_change(None, late, now_s=2.0, at=T0)) == 1  # refilled 1/s
+    assert len(guard.on_change(late, False, now_s=2.0, at=T0)) == 1  # refilled 1/s
     summaries = guard.tick([], now_s=10.0, at=T0)
     held = {n.notice.site: n.notice.suppressed for n in summaries}
     assert held == {f"s{n}": 1 for n in range(4, 10)}
     assert all(n.notice.kind is NoticeKind.SITE_STORM and n.store for n in summaries)
 
 
-def test_evolve_is_model_copy_with_an_update() -> None:
-    from services.alarms.state import evolve
-
-    record = record_of("s1", "a", Severity.MAJOR, acked=True)
-    for changes in (
-        {},
-        {"state": AlarmState.CLEARED, "cleared_at": T0, "seq": 9},
-        {"flapping": True, "suppressed": 3, "text": "x"},
-    ):
-        made, expected = evolve(record, changes), record.model_copy(update=changes)
-        assert made == expected and made.model_fields_set == expected.model_fields_set
-        assert made.model_dump_json() == expected.model_dump_json()
-        assert made is not record and record.seq == 1  # the original is untouched
-    with pytest.raises(ValidationError):  # still frozen
-        evolve(record, {"seq": 2}).seq = 3  # type: ignore[misc]
+def test_the_rules_change_an_entry_in_place_and_its_record_is_the_validated_one() -> None:
+    entry = apply_raised(None, raised(T0), source=UP, seq=1, now=T0, policy=POLICY)
+    assert entry is not None
+    ack = AlarmAcknowledged(alarm_id=entry.alarm_id, site="s1", raised_at=T0, by="ann", at=T0)
+    assert apply_ack(entry, ack, now=T0) is entry
+    done = apply_cleared(entry, cleared(T0), source=UP, seq=2, now=T0, policy=POLICY)
+    assert done is entry and entry.state is AlarmState.CLEARED and entry.transitions == 2
+    record = entry.record()
+    # Written without building the record: the bytes the validated record serialises to.
+    validated = AlarmRecord.model_validate(asdict(entry))
+    assert entry.encoded() == validated.model_dump_json().encode()
+    assert record == validated
+    assert AlarmEntry.of(record) == entry
+    flap(entry, [raised(T0 + timedelta(seconds=n)) if n % 2 else cleared(T0) for n in range(9)], 3)
+    assert entry.flapping and entry.flapping_since is not None  # optional fields set too
+    assert entry.encoded() == AlarmRecord.model_validate(asdict(entry)).model_dump_json().encode()
+    assert record.acknowledged and not record.open and record.seq == 2

@@ -50,3 +50,39 @@ async def test_a_paused_mirror_keeps_its_values_and_catches_up_on_resume(
         await mirror.stop()
     finally:
         await nc.close()
+
+
+async def test_own_writes_remembered_as_bytes_are_parsed_once_when_first_read(
+    hub: NatsServerProcess,
+) -> None:
+    nc = await open_connection(NatsConfig.from_url(hub.url, name="kvmirror-encoded"))
+    parsed: list[str] = []
+
+    def counting(key: str, value: bytes) -> str | None:
+        parsed.append(key)
+        return value.decode()
+
+    try:
+        js = nc.jetstream()
+        kv = await ensure_kv(js, KvSpec(bucket="ENCODEDTEST"))
+        mirror: KvMirror[str] = KvMirror(js, kv, "ENCODEDTEST", counting)
+        await mirror.start()
+        await mirror.pause()
+        first = await kv.put("a", b"1")
+        mirror.remember_encoded("a", b"1", first)
+        second = await kv.put("a", b"2")
+        mirror.remember_encoded("a", b"2", second)
+        mirror.remember_encoded("a", b"stale", first)  # older than what we have: ignored
+        assert parsed == [] and mirror.revision("a") == second  # nothing parsed yet
+        assert mirror.get("a") == "2" and parsed == ["a"]  # the newest, parsed once
+        assert dict(mirror.items()) == {"a": "2"} and len(mirror) == 1 and parsed == ["a"]
+        third = await kv.put("a", b"3")
+        mirror.remember_encoded("a", b"3", third)
+        deleted = await js.publish("$KV.ENCODEDTEST.a", b"", headers={"KV-Operation": "DEL"})
+        mirror.remember("a", None, deleted.seq)  # a later delete drops the unparsed write
+        assert mirror.get("a") is None and parsed == ["a"]
+        await mirror.resume()  # the watcher's load agrees
+        assert mirror.get("a") is None
+        await mirror.stop()
+    finally:
+        await nc.close()

@@ -310,6 +310,10 @@ def test_a_delivered_message_reads_its_headers_as_nats_py_would(lines: bytes) ->
         msg._raw_headers = raw
         assert msg.headers == expected
         assert msg.headers == expected  # parsed once, kept
+        quick = DeliveredMsg.parsed(client, "s", "r", b"", raw, 7)
+        assert quick.headers == expected
+        assert quick == DeliveredMsg(client, "s", "r", b"", expected, _sid=7)
+        assert (quick._metadata, quick._ackd, quick._sid) == (None, False, 7)
 
 
 async def test_pull_deliveries_arrive_directly_with_their_headers(hub: NatsServerProcess) -> None:

@@ -26,7 +26,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from bus import subjects
 from bus.client import MSG_ID_HEADER, Bus
-from bus.jspublish import PipelinedPublisher
+from bus.jspublish import Message, PipelinedPublisher
 from bus.kvmirror import KvMirror
 from bus.log import get_logger
 from bus.pullfeed import PullFeed
@@ -43,6 +43,7 @@ from services.alarms.inputs import (
     waiting_in_stream,
 )
 from services.alarms.state import (
+    AlarmEntry,
     alarm_key,
     apply_ack,
     apply_cleared,
@@ -109,7 +110,7 @@ class AlarmProcessor:
         self._may_write = may_write
         self._clock = clock
         self._monotonic = monotonic
-        self.table: dict[str, AlarmRecord] = {}
+        self.table: dict[str, AlarmEntry] = {}
         self._revisions: dict[str, int] = {}
         self._dirty: dict[str, None] = {}
         self._flapping: set[str] = set()
@@ -120,6 +121,7 @@ class AlarmProcessor:
         self._feeds = _feeds()
         self._publisher = PipelinedPublisher(bus.nc)
         self._flush_lock = asyncio.Lock()
+        self._flush_wanted = asyncio.Event()
         self._last_flush = monotonic()
         self._last_prune = monotonic()
         self.stats: Counter[str] = Counter()
@@ -179,7 +181,7 @@ class AlarmProcessor:
         self.table = {}
         self._revisions = {}
         for key, record in list(self._mirror.items()):
-            self.table[record.alarm_id] = record
+            self.table[record.alarm_id] = AlarmEntry.of(record)
             self._revisions[record.alarm_id] = self._mirror.revision(key)
         self._flapping = {r.alarm_id for r in self.table.values() if r.flapping}
 
@@ -187,6 +189,7 @@ class AlarmProcessor:
         """Consume and tick until `halt`; a failure (a write conflict) ends it by raising."""
         tasks = [asyncio.create_task(self._consume(feed, halt)) for feed in self._feeds]
         tasks.append(asyncio.create_task(self._tick(halt)))
+        tasks.append(asyncio.create_task(self._flush_when_due(halt)))
         try:
             halted = asyncio.create_task(halt.wait())
             done, _ = await asyncio.wait([*tasks, halted], return_when=asyncio.FIRST_COMPLETED)
@@ -230,6 +233,7 @@ class AlarmProcessor:
             msgs = await feed.pull.next_batch(config.batch_size, config.flush_every_s)
             if msgs:
                 now, now_s = self._clock(), self._monotonic()
+                self.stats["consumed"] += len(msgs)
                 for msg in msgs:
                     problem = self._apply(feed, msg, now, now_s)
                     if problem is not None:
@@ -238,15 +242,14 @@ class AlarmProcessor:
                 feed.unacked += len(msgs)
                 feed.waiting = waiting_in_stream(msgs[-1].reply)
             if self._flush_due():
-                await self.flush()
-            elif msgs:
+                self._flush_wanted.set()
+            if msgs:
                 # A backlog never empties the buffer, so `next_batch` would never yield: let
-                # the lease renewal and the socket reader run between batches.
+                # the lease renewal, the socket reader and the flush run between batches.
                 await asyncio.sleep(0)
 
     def _apply(self, feed: _Feed, msg: Msg, now: datetime, now_s: float) -> tuple[str, str] | None:
         """Apply one stored message to the table; (reason, detail) if it must be dead-lettered."""
-        self.stats["consumed"] += 1
         try:
             if feed.acks:
                 return self._apply_ack(msg, now, now_s)
@@ -258,18 +261,21 @@ class AlarmProcessor:
         if problem is not None:
             return problem
         seq = stream_seq(msg.reply)
-        before = self.table.get(data.alarm_id)
+        entry = self.table.get(data.alarm_id)
+        was_flapping = entry is not None and entry.flapping
         policy = self._config.flap
         if isinstance(data, AlarmRaised):
-            after = apply_raised(before, data, source=feed.stream, seq=seq, now=now, policy=policy)
+            after = apply_raised(entry, data, source=feed.stream, seq=seq, now=now, policy=policy)
         else:
-            after = apply_cleared(before, data, source=feed.stream, seq=seq, now=now, policy=policy)
+            after = apply_cleared(entry, data, source=feed.stream, seq=seq, now=now, policy=policy)
         if after is None:
             self.stats["unchanged"] += 1
             return None
         self.stats["applied"] += 1
-        self._put(after)
-        self._notices += self._guard.on_change(before, after, now_s, after.last_transition_at)
+        self._changed(after)
+        notices = self._guard.on_change(after, was_flapping, now_s, after.last_transition_at)
+        if notices:
+            self._notices += notices
         return None
 
     def _apply_ack(self, msg: Msg, now: datetime, now_s: float) -> tuple[str, str] | None:
@@ -281,15 +287,16 @@ class AlarmProcessor:
             self.stats["acks_ignored"] += 1
             return None
         self.stats["acks"] += 1
-        self._put(after)
+        self._changed(after)
         self._notices += self._guard.on_acknowledged(after, now_s, ack.at)
         return None
 
-    def _put(self, record: AlarmRecord) -> None:
-        self.table[record.alarm_id] = record
-        self._dirty[record.alarm_id] = None
-        if record.flapping:
-            self._flapping.add(record.alarm_id)
+    def _changed(self, entry: AlarmEntry) -> None:
+        alarm_id = entry.alarm_id
+        self.table[alarm_id] = entry  # new, or the same entry changed in place
+        self._dirty[alarm_id] = None
+        if entry.flapping:
+            self._flapping.add(alarm_id)
 
     async def _dead_letter(self, msg: Msg, reason: str, detail: str) -> None:
         self.stats["dead_lettered"] += 1
@@ -312,27 +319,37 @@ class AlarmProcessor:
                 return
             self.on_tick(self._clock(), self._monotonic())
             if self._flush_due():
+                self._flush_wanted.set()
+
+    async def _flush_when_due(self, halt: asyncio.Event) -> None:
+        """Flushes run in this task, beside consuming: while one waits for its PubAcks, the
+        next changes are applied (they are flushed, and their messages acked, next time)."""
+        while not halt.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_wanted.wait(), self._config.flush_every_s)
+            self._flush_wanted.clear()
+            if self._flush_due():
                 await self.flush()
 
     def on_tick(self, now: datetime, now_s: float) -> None:
         """Flapping alarms that settled, summaries that are due, records past retention."""
         policy = self._config.flap
         for alarm_id in list(self._flapping):
-            record = self.table.get(alarm_id)
-            if record is None or not record.flapping:
+            entry = self.table.get(alarm_id)
+            if entry is None or not entry.flapping:
                 self._flapping.discard(alarm_id)
                 continue
-            settled = settle_flapping(record, now, policy)
-            if settled is not None:
+            suppressed = entry.suppressed
+            if settle_flapping(entry, now, policy) is not None:
                 self._flapping.discard(alarm_id)
-                self._put(settled)
-                self._notices += self._guard.on_settled(record, settled, now)
+                self._changed(entry)
+                self._notices += self._guard.on_settled(entry, suppressed, now)
         flapping = [self.table[a] for a in self._flapping if a in self.table]
         self._notices += self._guard.tick(flapping, now_s, now)
         if now_s - self._last_prune >= PRUNE_EVERY_S:
             self._last_prune = now_s
-            for alarm_id, record in list(self.table.items()):
-                if prunable(record, now, self._config.retention_s):
+            for alarm_id, entry in list(self.table.items()):
+                if prunable(entry, now, self._config.retention_s):
                     del self.table[alarm_id]
                     self._dirty[alarm_id] = None
                     self.stats["pruned"] += 1
@@ -413,30 +430,35 @@ class AlarmProcessor:
         """Compare-and-set every changed record (or delete a pruned one); the ids not written."""
         if not dirty:
             return []
-        pending: list[tuple[str, str, AlarmRecord | None, asyncio.Future[PubAck]]] = []
+        pending: list[tuple[str, str, bytes]] = []
+        messages: list[Message] = []
         for alarm_id in dirty:
-            record = self.table.get(alarm_id)
+            entry = self.table.get(alarm_id)
             key = alarm_key(alarm_id)
             revision = self._revisions.get(alarm_id)
             if revision is None:  # never written by us: maybe a delete marker, maybe nothing
                 revision = self._mirror.revision(key)
             headers = {EXPECTED_LAST_SUBJECT_SEQ: str(revision)}
-            if record is None:
+            if entry is None:
                 if not revision:
                     continue
                 headers[KV_OPERATION] = "DEL"
                 payload = b""
             else:
-                payload = record.__pydantic_serializer__.to_json(record)
-            future = await self._publisher.publish(KV_SUBJECT_PREFIX + key, payload, headers)
-            pending.append((alarm_id, key, record, future))
-        results = await self._publisher.wait([p[3] for p in pending], WRITE_TIMEOUT_S)
+                payload = entry.encoded()
+            messages.append((KV_SUBJECT_PREFIX + key, payload, headers))
+            pending.append((alarm_id, key, payload))
+        futures = await self._publisher.publish_batch(messages)
+        results = await self._publisher.wait(futures, WRITE_TIMEOUT_S)
         failed: list[str] = []
         conflicts = 0
-        for (alarm_id, key, record, _), result in zip(pending, results, strict=True):
+        for (alarm_id, key, payload), result in zip(pending, results, strict=True):
             if isinstance(result, PubAck):
                 self._revisions[alarm_id] = result.seq
-                self._mirror.remember(key, record, result.seq)
+                if payload:
+                    self._mirror.remember_encoded(key, payload, result.seq)
+                else:
+                    self._mirror.remember(key, None, result.seq)
                 self.stats["kv_writes"] += 1
             elif isinstance(result, APIError) and result.err_code == WRONG_LAST_SEQUENCE:
                 conflicts += 1

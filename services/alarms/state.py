@@ -1,5 +1,6 @@
-"""The alarm table's rules as pure functions: apply a raise, a clear or an acknowledgement to
-an `AlarmRecord`, count flaps, select, summarise and roll up site health. No I/O.
+"""The alarm table's rules as plain functions over plain data: apply a raise, a clear or an
+acknowledgement to an `AlarmEntry`, count flaps; select, summarise and roll up site health
+over `AlarmRecord`s. No I/O.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+
+from pydantic import TypeAdapter
 
 from schemas.alarms import (
     AlarmAcknowledged,
@@ -54,74 +56,105 @@ def alarm_key(alarm_id: str) -> str:
     return f"{site}.{escaped}"
 
 
-_set_attribute = object.__setattr__
+@dataclass(slots=True, kw_only=True)
+class AlarmEntry:
+    """The leader's working copy of one alarm: the fields of `AlarmRecord`, in its order, changed
+    in place by the rules below. The table is hot: a frozen copy per change cost more than the
+    rule itself (11 µs against 2, measured in the alarm storm). `encoded()` is the stored JSON,
+    the same bytes as its `record()`'s (tested)."""
+
+    schema_version: int = 1
+    alarm_id: str
+    site: str
+    entity: str
+    probable_cause: str
+    severity: Severity
+    state: AlarmState
+    text: str = ""
+    raised_at: datetime
+    cleared_at: datetime | None = None
+    clear_text: str = ""
+    acknowledged_by: str | None = None
+    acknowledged_at: datetime | None = None
+    ack_note: str = ""
+    occurrences: int = 1
+    transitions: int = 1
+    last_transition_at: datetime
+    flapping: bool = False
+    flapping_since: datetime | None = None
+    flap_window_start: datetime | None = None
+    flap_window_count: int = 0
+    suppressed: int = 0
+    source: str = ""
+    seq: int = 0
+    updated_at: datetime
+
+    @property
+    def open(self) -> bool:
+        """As `AlarmRecord.open`: active now, or flapping."""
+        return self.state is AlarmState.ACTIVE or self.flapping
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.acknowledged_at is not None
+
+    @classmethod
+    def of(cls, record: AlarmRecord) -> AlarmEntry:
+        return cls(**{name: getattr(record, name) for name in _RECORD_FIELDS})
+
+    def record(self) -> AlarmRecord:
+        """The stored form, validated (for reads; the leader writes `encoded()`)."""
+        return AlarmRecord.model_validate_json(self.encoded())
+
+    def encoded(self) -> bytes:
+        """The stored form's JSON, written without building the record (7 against 14 µs)."""
+        return _encode_entry(self)
 
 
-def evolve(record: AlarmRecord, changes: dict[str, Any]) -> AlarmRecord:
-    """`record.model_copy(update=changes)` (which does not validate either) without pydantic's
-    generic copy machinery: every applied change makes one (measured 7.3 -> 4.6 µs)."""
-    values = record.__dict__.copy()
-    values.update(changes)
-    copy = object.__new__(AlarmRecord)
-    _set_attribute(copy, "__dict__", values)
-    _set_attribute(copy, "__pydantic_fields_set__", record.__pydantic_fields_set__ | changes.keys())
-    _set_attribute(copy, "__pydantic_extra__", None)
-    _set_attribute(copy, "__pydantic_private__", None)
-    return copy
+_RECORD_FIELDS = tuple(name for name in AlarmRecord.model_fields if name != "schema_version")
+_encode_entry = TypeAdapter(AlarmEntry).serializer.to_json
 
 
-def _already_applied(record: AlarmRecord | None, source: str, seq: int) -> bool:
+def _already_applied(entry: AlarmEntry | None, source: str, seq: int) -> bool:
     """A change at or before the last one applied from the same stream is a redelivery."""
-    return record is not None and record.source == source and seq <= record.seq
+    return entry is not None and entry.source == source and seq <= entry.seq
 
 
-def _flap_count(record: AlarmRecord, at: datetime, policy: FlapPolicy) -> tuple[datetime, int]:
-    start = record.flap_window_start
+def _count_transition(entry: AlarmEntry, at: datetime, policy: FlapPolicy) -> None:
+    """A state change of a known alarm, counted for flap detection (in place)."""
+    start = entry.flap_window_start
     if start is None or at < start or (at - start).total_seconds() >= policy.window_s:
-        return at, 1
-    return start, record.flap_window_count + 1
-
-
-def _transition(
-    record: AlarmRecord, at: datetime, policy: FlapPolicy, **changes: object
-) -> AlarmRecord:
-    """A state change of a known alarm: counted for flap detection."""
-    start, count = _flap_count(record, at, policy)
-    flapping = record.flapping or count >= policy.threshold
-    return evolve(
-        record,
-        {
-            **changes,
-            "transitions": record.transitions + 1,
-            "last_transition_at": at,
-            "flap_window_start": start,
-            "flap_window_count": count,
-            "flapping": flapping,
-            "flapping_since": record.flapping_since
-            if record.flapping
-            else (at if flapping else None),
-            "suppressed": record.suppressed + 1 if record.flapping else record.suppressed,
-        },
-    )
+        start, count = at, 1
+    else:
+        count = entry.flap_window_count + 1
+    if entry.flapping:
+        entry.suppressed += 1
+    elif count >= policy.threshold:
+        entry.flapping = True
+        entry.flapping_since = at
+    entry.transitions += 1
+    entry.last_transition_at = at
+    entry.flap_window_start = start
+    entry.flap_window_count = count
 
 
 def apply_raised(
-    record: AlarmRecord | None,
+    entry: AlarmEntry | None,
     raised: AlarmRaised,
     *,
     source: str,
     seq: int,
     now: datetime,
     policy: FlapPolicy,
-) -> AlarmRecord | None:
-    """The record after a raise; None if nothing changes (already active, or redelivered).
+) -> AlarmEntry | None:
+    """The entry after a raise: a new one for an alarm not seen before, else `entry` itself,
+    changed in place; None if nothing changes (already active, or redelivered).
 
     Raising an active alarm again is idempotent: the first raise's time and text stay.
     """
-    if _already_applied(record, source, seq):
-        return None
-    if record is None:
-        return AlarmRecord(
+    if entry is None:
+        at = raised.raised_at
+        return AlarmEntry(
             alarm_id=raised.alarm_id,
             site=raised.site,
             entity=raised.entity,
@@ -129,99 +162,86 @@ def apply_raised(
             severity=raised.severity,
             state=AlarmState.ACTIVE,
             text=raised.text,
-            raised_at=raised.raised_at,
-            last_transition_at=raised.raised_at,
-            flap_window_start=raised.raised_at,
+            raised_at=at,
+            last_transition_at=at,
+            flap_window_start=at,
             flap_window_count=1,
             source=source,
             seq=seq,
             updated_at=now,
         )
-    if record.state is AlarmState.ACTIVE:
+    if entry.state is AlarmState.ACTIVE or _already_applied(entry, source, seq):
         return None
-    return _transition(
-        record,
-        raised.raised_at,
-        policy,
-        state=AlarmState.ACTIVE,
-        severity=raised.severity,
-        text=raised.text,
-        raised_at=raised.raised_at,
-        cleared_at=None,
-        clear_text="",
-        acknowledged_by=None,
-        acknowledged_at=None,
-        ack_note="",
-        occurrences=record.occurrences + 1,
-        source=source,
-        seq=seq,
-        updated_at=now,
-    )
+    _count_transition(entry, raised.raised_at, policy)
+    entry.state = AlarmState.ACTIVE
+    entry.severity = raised.severity
+    entry.text = raised.text
+    entry.raised_at = raised.raised_at
+    entry.cleared_at = None
+    entry.clear_text = ""
+    entry.acknowledged_by = None
+    entry.acknowledged_at = None
+    entry.ack_note = ""
+    entry.occurrences += 1
+    entry.source, entry.seq, entry.updated_at = source, seq, now
+    return entry
 
 
 def apply_cleared(
-    record: AlarmRecord | None,
+    entry: AlarmEntry | None,
     cleared: AlarmCleared,
     *,
     source: str,
     seq: int,
     now: datetime,
     policy: FlapPolicy,
-) -> AlarmRecord | None:
-    """The record after a clear; None if nothing changes (unknown or inactive, redelivered)."""
-    if record is None or record.state is AlarmState.CLEARED:
+) -> AlarmEntry | None:
+    """`entry` after a clear, changed in place; None if nothing changes (unknown or inactive,
+    redelivered)."""
+    if entry is None or entry.state is AlarmState.CLEARED or _already_applied(entry, source, seq):
         return None
-    if _already_applied(record, source, seq):
-        return None
-    return _transition(
-        record,
-        cleared.cleared_at,
-        policy,
-        state=AlarmState.CLEARED,
-        cleared_at=cleared.cleared_at,
-        clear_text=cleared.text,
-        source=source,
-        seq=seq,
-        updated_at=now,
-    )
+    _count_transition(entry, cleared.cleared_at, policy)
+    entry.state = AlarmState.CLEARED
+    entry.cleared_at = cleared.cleared_at
+    entry.clear_text = cleared.text
+    entry.source, entry.seq, entry.updated_at = source, seq, now
+    return entry
 
 
 def apply_ack(
-    record: AlarmRecord | None, ack: AlarmAcknowledged, *, now: datetime
-) -> AlarmRecord | None:
-    """Acknowledge the occurrence raised at `ack.raised_at`; None if it is not the current
-    one (raised again since) or was acknowledged already (the first acknowledgement stays)."""
-    if record is None or record.raised_at != ack.raised_at or record.acknowledged:
+    entry: AlarmEntry | None, ack: AlarmAcknowledged, *, now: datetime
+) -> AlarmEntry | None:
+    """Acknowledge the occurrence raised at `ack.raised_at` (in place); None if it is not the
+    current one (raised again since) or was acknowledged already (the first one stays)."""
+    if entry is None or entry.raised_at != ack.raised_at or entry.acknowledged:
         return None
-    return evolve(
-        record,
-        {
-            "acknowledged_by": ack.by,
-            "acknowledged_at": ack.at,
-            "ack_note": ack.note,
-            "updated_at": now,
-        },
-    )
+    entry.acknowledged_by = ack.by
+    entry.acknowledged_at = ack.at
+    entry.ack_note = ack.note
+    entry.updated_at = now
+    return entry
 
 
-def settle_flapping(record: AlarmRecord, now: datetime, policy: FlapPolicy) -> AlarmRecord | None:
-    """A flapping alarm that has not changed for `quiet_s` is flapping no more (None: still is,
-    or was not)."""
-    if not record.flapping:
+def settle_flapping(entry: AlarmEntry, now: datetime, policy: FlapPolicy) -> AlarmEntry | None:
+    """A flapping alarm that has not changed for `quiet_s` is flapping no more: `entry`,
+    changed in place (None: still is, or was not)."""
+    if not entry.flapping:
         return None
-    if (now - record.last_transition_at).total_seconds() < policy.quiet_s:
+    if (now - entry.last_transition_at).total_seconds() < policy.quiet_s:
         return None
-    return evolve(
-        record, {"flapping": False, "flapping_since": None, "suppressed": 0, "updated_at": now}
-    )
+    entry.flapping = False
+    entry.flapping_since = None
+    entry.suppressed = 0
+    entry.updated_at = now
+    return entry
 
 
-def prunable(record: AlarmRecord, now: datetime, retention_s: float) -> bool:
+def prunable(entry: AlarmEntry, now: datetime, retention_s: float) -> bool:
     """A cleared, settled alarm is forgotten `retention_s` after it cleared (history keeps it)."""
     return (
-        not record.open
-        and record.cleared_at is not None
-        and (now - record.cleared_at).total_seconds() >= retention_s
+        not entry.open
+        and entry.cleared_at is not None
+        and (now - entry.cleared_at).total_seconds() >= retention_s
     )
 
 

@@ -11,7 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from schemas.alarms import AlarmNotice, AlarmRecord, AlarmState, NoticeKind
+from schemas.alarms import AlarmNotice, AlarmState, NoticeKind
+from services.alarms.state import AlarmEntry
 
 
 @dataclass(frozen=True)
@@ -108,10 +109,12 @@ class StormGuard:
         return False
 
     def on_change(
-        self, before: AlarmRecord | None, after: AlarmRecord, now_s: float, at: datetime
+        self, after: AlarmEntry, was_flapping: bool, now_s: float, at: datetime
     ) -> list[Notice]:
-        """Notices for one applied raise or clear."""
-        if after.flapping and (before is None or not before.flapping):
+        """Notices for one applied raise or clear (`after`: the alarm now)."""
+        if after.flapping:
+            if was_flapping:
+                return []  # counted in the entry's `suppressed`; summarised by `tick`
             self._flaps[after.alarm_id] = _Flap(summarized_at=now_s)
             notice = _notice(
                 after,
@@ -124,15 +127,13 @@ class StormGuard:
             )
             # Always stored (history); told live only within the site's budget.
             return [Notice(notice, store=True, live=self._allow(after.site, now_s))]
-        if after.flapping:
-            return []  # counted in the record's `suppressed`; summarised by `tick`
         if not self._allow(after.site, now_s):
             return []
         kind = NoticeKind.RAISED if after.state is AlarmState.ACTIVE else NoticeKind.CLEARED
         text = after.text if after.state is AlarmState.ACTIVE else after.clear_text
         return [Notice(_notice(after, kind, at, text, transitions=1), store=False)]
 
-    def on_acknowledged(self, after: AlarmRecord, now_s: float, at: datetime) -> list[Notice]:
+    def on_acknowledged(self, after: AlarmEntry, now_s: float, at: datetime) -> list[Notice]:
         if not self._allow(after.site, now_s):
             return []
         text = f"acknowledged by {after.acknowledged_by}" + (
@@ -140,19 +141,20 @@ class StormGuard:
         )
         return [Notice(_notice(after, NoticeKind.ACKNOWLEDGED, at, text), store=False)]
 
-    def on_settled(self, before: AlarmRecord, after: AlarmRecord, at: datetime) -> list[Notice]:
-        """A flapping alarm settled: say how it ended (always stored and told)."""
+    def on_settled(self, after: AlarmEntry, suppressed: int, at: datetime) -> list[Notice]:
+        """A flapping alarm settled after `suppressed` changes not told one by one: say how it
+        ended (always stored and told)."""
         self._flaps.pop(after.alarm_id, None)
         text = (
-            f"stopped flapping after {before.suppressed} changes not shown one by one; "
+            f"stopped flapping after {suppressed} changes not shown one by one; "
             f"now {after.state.value}"
         )
         notice = _notice(
-            after, NoticeKind.FLAPPING_ENDED, at, text, transitions=0, suppressed=before.suppressed
+            after, NoticeKind.FLAPPING_ENDED, at, text, transitions=0, suppressed=suppressed
         )
         return [Notice(notice, store=True)]
 
-    def tick(self, flapping: Iterable[AlarmRecord], now_s: float, at: datetime) -> list[Notice]:
+    def tick(self, flapping: Iterable[AlarmEntry], now_s: float, at: datetime) -> list[Notice]:
         """Summaries that are due: per flapping alarm, and per site of held-back notices."""
         out: list[Notice] = []
         every = self.policy.summary_every_s
@@ -185,7 +187,7 @@ class StormGuard:
 
 
 def _notice(
-    record: AlarmRecord,
+    record: AlarmEntry,
     kind: NoticeKind,
     at: datetime,
     text: str,
