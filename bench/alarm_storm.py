@@ -19,7 +19,8 @@ would leave them (CloudEvents, `Nats-Msg-Id` = event id). Then, per round:
 
 History is kept by construction (raises and clears stay in `UP_ALARM`; flapping summaries go
 to `ALARM_ACTIVITY`): the script checks after each round that the KV table holds one record
-per alarm and that the flapping alarm is marked as such. value = alarms processed / s;
+per alarm and that the flapping alarm is marked as such, and counts the KV writes the pass
+made (the checkpoint's cost: writes per change). value = alarms processed / s;
 baseline = raw counted / s; target ratio >= 0.5 (the issue's).
 """
 

@@ -59,9 +59,9 @@ def alarm_key(alarm_id: str) -> str:
 @dataclass(slots=True, kw_only=True)
 class AlarmEntry:
     """The leader's working copy of one alarm: the fields of `AlarmRecord`, in its order, changed
-    in place by the rules below. The table is hot: a frozen copy per change cost more than the
-    rule itself (11 µs against 2, measured in the alarm storm). `encoded()` is the stored JSON,
-    the same bytes as its `record()`'s (tested)."""
+    in place by the rules below. The table is hot: with a frozen pydantic copy per change, the
+    apply step took 42 µs a change in an offline replay of the alarm storm; in place, 25.
+    `encoded()` is the stored JSON, the same bytes as its `record()`'s (tested)."""
 
     schema_version: int = 1
     alarm_id: str
