@@ -461,6 +461,56 @@ async def test_a_leader_that_dies_before_storing_leaves_nothing_for_its_successo
     assert second.service.counters()["consumed"] == changes + 1
 
 
+async def test_a_flush_cancelled_midway_leaves_its_changes_dirty_and_unacked(
+    center: Center,
+) -> None:
+    # Flushes only when asked (long intervals); the changes are consumed, not yet stored.
+    slow = {"flush_every_s": 60.0, "busy_flush_every_s": 60.0, "ack_wait_s": 600.0}
+    leader = await center.start_replica("a1", **slow)
+    t0 = datetime.now(UTC) - timedelta(minutes=5)
+    for n in range(6):
+        entity = f"pump{n % 3}"
+        await center.send("s1", raised("s1", entity, "hot", t0 + timedelta(seconds=n)))
+
+    async def consumed_all() -> bool:
+        processor = leader.service.processor
+        return processor is not None and processor.stats["consumed"] == 6
+
+    await wait_until(consumed_all, 20, "the leader consumed every change")
+    processor = leader.service.processor
+    assert processor is not None and not processor.settled
+    publisher = processor._publisher
+    send = publisher.publish_batch
+    stuck = asyncio.Event()
+
+    async def hang(messages: Any) -> Any:  # a shutdown catches the flush here
+        stuck.set()
+        await asyncio.Event().wait()
+
+    publisher.publish_batch = hang  # type: ignore[method-assign]
+    flush = asyncio.create_task(processor.flush())
+    await asyncio.wait_for(stuck.wait(), 10)
+    flush.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await flush
+    # Nothing stored, nothing acked: the next flush (or the next leader) has it all.
+    assert sorted(processor._dirty) == [f"s1/pump{n}/hot" for n in range(3)]
+    assert not processor.settled
+    info = await center.bus.js.consumer_info("UP_ALARM", "alarms")
+    assert info.ack_floor.stream_seq == 0
+
+    publisher.publish_batch = send  # type: ignore[method-assign]
+    await processor.flush()
+    assert processor.settled
+
+    async def all_acked() -> bool:  # acks are fire-and-forget: the server takes a moment
+        info = await center.bus.js.consumer_info("UP_ALARM", "alarms")
+        return info.ack_floor.stream_seq == 6
+
+    await wait_until(all_acked, 10, "the next flush acks all six")
+    assert len(await center.alarms(site="s1")) == 3
+
+
 async def test_forged_and_malformed_changes_are_dead_lettered_not_applied(center: Center) -> None:
     await center.start_replica("a1")
     now = datetime.now(UTC)

@@ -190,7 +190,8 @@ class AlarmProcessor:
         """Consume and tick until `halt`; a failure (a write conflict) ends it by raising."""
         tasks = [asyncio.create_task(self._consume(feed, halt)) for feed in self._feeds]
         tasks.append(asyncio.create_task(self._tick(halt)))
-        tasks.append(asyncio.create_task(self._flush_when_due(halt)))
+        flusher = asyncio.create_task(self._flush_when_due(halt))
+        tasks.append(flusher)
         try:
             halted = asyncio.create_task(halt.wait())
             done, _ = await asyncio.wait([*tasks, halted], return_when=asyncio.FIRST_COMPLETED)
@@ -202,7 +203,8 @@ class AlarmProcessor:
         finally:
             halt.set()
             for task in tasks:
-                task.cancel()
+                if task is not flusher:  # a flush under way finishes (its waits are bounded)
+                    task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def stop_writing(self) -> None:
@@ -329,7 +331,7 @@ class AlarmProcessor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._flush_wanted.wait(), self._config.flush_every_s)
             self._flush_wanted.clear()
-            if self._flush_due():
+            if not halt.is_set() and self._flush_due():
                 await self.flush()
 
     def on_tick(self, now: datetime, now_s: float) -> None:
@@ -395,7 +397,7 @@ class AlarmProcessor:
                 await self._store_notices([n for n in notices if n.store])
                 stored = True
                 failed = await self._write(dirty)
-            except Exception as exc:
+            except BaseException as exc:
                 self._dirty.update(dirty)
                 # Summaries already stored must not be stored twice (new event ids).
                 self._notices[:0] = (
@@ -404,7 +406,10 @@ class AlarmProcessor:
                     else notices
                 )
                 self._restore_acks(to_ack)
-                if isinstance(exc, WriteConflict):
+                # A conflict ends this term. A flush cancelled midway (shutdown) must leave its
+                # records dirty and its messages unacked too: a later flush's cumulative ack
+                # would otherwise cover messages whose state was never stored.
+                if isinstance(exc, WriteConflict) or not isinstance(exc, Exception):
                     raise
                 self.stats["flush_failures"] += 1
                 self._log.warning("flush_failed", error=repr(exc), records=len(dirty))
