@@ -202,6 +202,7 @@ class AlarmProcessor:
                     raise failure
         finally:
             halt.set()
+            self._flush_wanted.set()  # the flusher wakes, and ends unless a flush is under way
             for task in tasks:
                 if task is not flusher:  # a flush under way finishes (its waits are bounded)
                     task.cancel()
