@@ -273,6 +273,12 @@ async def run(
             "sites": sites + 1,
             "events": events,
             "rounds": rounds,
+            # Each round's own pair (the VM's speed drifts between rounds); `ratio` above is
+            # the median rate over the median baseline, as in every bench here.
+            "round_ratios": [round(o["rate"] / r, 4) for o, r in zip(ours, raw_rates, strict=True)],
+            "round_ratio_median": median(
+                o["rate"] / r for o, r in zip(ours, raw_rates, strict=True)
+            ),
             "quick": quick,
             "service_cpu_cores": median(o["cpu_cores"] for o in ours),
             "service_rss_mb": max(o["rss_mb"] for o in ours),
