@@ -127,12 +127,18 @@ class PullFeed:
         if now >= self._paused_until:
             await self._request()
 
-    async def _request(self) -> None:
+    def _claim_request(self) -> bool:
+        """Count a pull request as sent from now; False if there is no subscription to send
+        it on."""
         if self._sub is None:
-            return
+            return False
         self._outstanding = self._batch
         self._requested_at = time.monotonic()
-        await self._send_request()
+        return True
+
+    async def _request(self) -> None:
+        if self._claim_request():
+            await self._send_request()
 
     async def _send_request(self) -> None:
         try:
@@ -157,9 +163,7 @@ class PullFeed:
         self._buffer.append(msg)
         self._arrived.set()
         self._outstanding -= 1
-        if self._outstanding <= 0 and self._has_room() and self._sub is not None:
-            self._outstanding = self._batch
-            self._requested_at = time.monotonic()
+        if self._outstanding <= 0 and self._has_room() and self._claim_request():
             task = asyncio.get_running_loop().create_task(self._send_request())
             self._sending.add(task)  # held until done: the loop keeps only weak references
             task.add_done_callback(self._sending.discard)
