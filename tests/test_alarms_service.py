@@ -425,13 +425,24 @@ async def _count(found: Awaitable[list[AlarmRecord]], count: int) -> bool:
     return len(await found) == count
 
 
+# A leader that flushes only when asked: what it consumes stays unstored meanwhile.
+NEVER_FLUSHING = {"flush_every_s": 60.0, "busy_flush_every_s": 60.0, "ack_wait_s": 600.0}
+
+
+async def wait_consumed(replica: Replica, count: int) -> None:
+    async def consumed_all() -> bool:
+        processor = replica.service.processor
+        return processor is not None and processor.stats["consumed"] == count
+
+    await wait_until(consumed_all, 20, f"the leader consumed all {count} changes")
+
+
 async def test_a_leader_that_dies_before_storing_leaves_nothing_for_its_successor_to_skip(
     center: Center,
 ) -> None:
     # A first leader consumes 40 changes of one alarm, then dies before storing any: its
     # flush never comes (long intervals) and its last one fails (it lost the right to write).
-    slow = {"flush_every_s": 60.0, "busy_flush_every_s": 60.0, "ack_wait_s": 600.0}
-    first = await center.start_replica("a1", **slow)
+    first = await center.start_replica("a1", **NEVER_FLUSHING)
     t0 = datetime.now(UTC) - timedelta(minutes=5)
     changes = 40
     for n in range(changes):
@@ -441,11 +452,7 @@ async def test_a_leader_that_dies_before_storing_leaves_nothing_for_its_successo
             raised("s1", "pump", "hot", at) if n % 2 == 0 else cleared("s1", "pump", "hot", at),
         )
 
-    async def consumed_all() -> bool:
-        processor = first.service.processor
-        return processor is not None and processor.stats["consumed"] == changes
-
-    await wait_until(consumed_all, 20, "the first leader consumed every change")
+    await wait_consumed(first, changes)
     assert first.service.processor is not None and not first.service.processor.settled
     first.service.processor.stop_writing()
     await first.halt()
@@ -464,19 +471,13 @@ async def test_a_leader_that_dies_before_storing_leaves_nothing_for_its_successo
 async def test_a_flush_cancelled_midway_leaves_its_changes_dirty_and_unacked(
     center: Center,
 ) -> None:
-    # Flushes only when asked (long intervals); the changes are consumed, not yet stored.
-    slow = {"flush_every_s": 60.0, "busy_flush_every_s": 60.0, "ack_wait_s": 600.0}
-    leader = await center.start_replica("a1", **slow)
+    leader = await center.start_replica("a1", **NEVER_FLUSHING)
     t0 = datetime.now(UTC) - timedelta(minutes=5)
     for n in range(6):
         entity = f"pump{n % 3}"
         await center.send("s1", raised("s1", entity, "hot", t0 + timedelta(seconds=n)))
 
-    async def consumed_all() -> bool:
-        processor = leader.service.processor
-        return processor is not None and processor.stats["consumed"] == 6
-
-    await wait_until(consumed_all, 20, "the leader consumed every change")
+    await wait_consumed(leader, 6)
     processor = leader.service.processor
     assert processor is not None and not processor.settled
     publisher = processor._publisher
