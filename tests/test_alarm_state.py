@@ -4,6 +4,7 @@ flap detection, storm notices, site summaries and health. No server.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 
@@ -21,8 +22,19 @@ from schemas.alarms import (
     SiteHealth,
     alarm_id,
 )
+from schemas.errors import (
+    EventDecodeError,
+    InvalidEnvelope,
+    MalformedEvent,
+    PayloadTooLarge,
+    SchemaViolation,
+    UnknownEventType,
+    UnsupportedVersion,
+)
 from services.alarms.inputs import (
     ChangeDecoder,
+    TaggedCleared,
+    TaggedRaised,
     origin_problem,
     site_of,
     stream_seq,
@@ -333,6 +345,41 @@ def test_change_decoder_reads_both_kinds() -> None:
     assert isinstance(decode(up).data, AlarmRaised)
     assert isinstance(decode(down).data, AlarmCleared)
     assert isinstance(decode(tricky).data, AlarmRaised)
+
+
+@pytest.mark.parametrize(
+    ("mangle", "error"),
+    [
+        (lambda raw: raw.replace(b':v1"', b':v9"'), UnsupportedVersion),  # newer than us
+        (lambda raw: raw.replace(b'"site":"s1"', b'"site":7'), SchemaViolation),
+        (
+            lambda raw: raw.replace(b"edgebus.alarm.raised", b"edgebus.alarm.fixed"),
+            UnknownEventType,
+        ),
+        (lambda raw: raw.replace(b"alarm.raised:v1", b"alarm.cleared:v1"), InvalidEnvelope),
+        (lambda raw: raw[:-1], MalformedEvent),
+        (lambda raw: raw + b" " * 2_000_000, PayloadTooLarge),
+    ],
+)
+def test_change_decoder_gives_the_registry_s_reasons_for_what_its_fast_path_refuses(
+    mangle: Callable[[bytes], bytes], error: type[EventDecodeError]
+) -> None:
+    """The one tagged validation takes only a current raise or clear; all else goes to the
+    registry, which names what is wrong (the reason a dead letter records)."""
+    raw = REGISTRY.encode(new_event(raised(T0), source="/sites/s1"))
+    with pytest.raises(error):
+        ChangeDecoder()(mangle(raw))
+
+
+def test_change_decoder_s_fast_path_gives_what_the_registry_gives() -> None:
+    decode = ChangeDecoder()
+    for data in (raised(T0), cleared(T0)):
+        raw = REGISTRY.encode(new_event(data, source="/sites/s1", subject="x", correlation_id="c"))
+        fast = decode(raw)
+        assert isinstance(fast, TaggedRaised | TaggedCleared)  # not the registry's way
+        slow = REGISTRY.decoder_for(type(data))(raw)
+        assert fast.model_dump() == slow.model_dump()
+        assert REGISTRY.encode(fast) == raw
 
 
 def test_flap_policy_rejects_nonsense() -> None:

@@ -5,6 +5,9 @@ comes from where it claims (the subject names the site; the alarm id must be its
 from __future__ import annotations
 
 import functools
+from typing import Annotated, Literal
+
+from pydantic import Field, TypeAdapter, ValidationError
 
 from bus import subjects
 from schemas import REGISTRY, Event, EventRegistry
@@ -18,14 +21,49 @@ AlarmChange = Event[AlarmRaised] | Event[AlarmCleared]
 _CLEARED_HINT = b'"type":"edgebus.alarm.cleared"'
 
 
+class TaggedRaised(Event[AlarmRaised]):
+    """`Event[AlarmRaised]` whose `type` must be the raise's: one side of `_TAGGED`."""
+
+    type: Literal[AlarmRaised.event_type]  # type: ignore[valid-type]
+
+
+class TaggedCleared(Event[AlarmCleared]):
+    """`Event[AlarmCleared]` whose `type` must be the clear's: the other side of `_TAGGED`."""
+
+    type: Literal[AlarmCleared.event_type]  # type: ignore[valid-type]
+
+
+# One validator for both kinds, picking the side by `type` inside pydantic-core: 3.0 against
+# 3.8 µs a change for the hint and a registry decoder per kind (offline, the storm's events).
+_TAGGED = TypeAdapter(
+    Annotated[TaggedRaised | TaggedCleared, Field(discriminator="type")]
+).validate_json
+
+
 class ChangeDecoder:
-    """Decode a raise or a clear; `EventDecodeError` (with its reason) for anything else."""
+    """Decode a raise or a clear; `EventDecodeError` (with its reason) for anything else.
+
+    The current version of either kind takes one tagged validation; anything else (an older
+    version, another type, an invalid event) goes through the registry, which upcasts it or
+    says precisely what is wrong."""
 
     def __init__(self, registry: EventRegistry = REGISTRY) -> None:
         self._raised = registry.decoder_for(AlarmRaised)
         self._cleared = registry.decoder_for(AlarmCleared)
+        self._max_bytes = registry.max_event_bytes
 
     def __call__(self, raw: bytes) -> AlarmChange:
+        if len(raw) <= self._max_bytes:
+            try:
+                event = _TAGGED(raw)
+            except ValidationError:
+                pass
+            else:
+                if event.dataschema == event.data.event_schema_uri:
+                    return event
+        return self._by_registry(raw)
+
+    def _by_registry(self, raw: bytes) -> AlarmChange:
         if _CLEARED_HINT in raw:
             try:
                 return self._cleared(raw)
