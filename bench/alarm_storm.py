@@ -33,6 +33,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psutil
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
@@ -119,9 +120,10 @@ async def load_stream(nc: NatsClient, events: list[tuple[str, bytes, str]]) -> f
     )
 
 
-async def raw_count(nc: NatsClient, total: int) -> float:
+async def raw_count(nc: NatsClient, total: int) -> tuple[float, float]:
     """Seconds for nats-py's fastest plain reader of a stream (an ordered push consumer with a
-    callback; measured faster than pull `fetch`) to receive `total` messages, counting only."""
+    callback; measured faster than pull `fetch`) to receive `total` messages, counting only;
+    and the CPU seconds this process spent meanwhile (it does nothing else then)."""
     js = nc.jetstream()
     done = asyncio.Event()
     counted = 0
@@ -132,7 +134,7 @@ async def raw_count(nc: NatsClient, total: int) -> float:
         if counted >= total:
             done.set()
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     sub = await js.subscribe(
         "up.*.alarm.>", stream=STREAM, cb=count, ordered_consumer=True, pending_msgs_limit=-1
     )
@@ -140,7 +142,7 @@ async def raw_count(nc: NatsClient, total: int) -> float:
         await asyncio.wait_for(done.wait(), 300)
     finally:
         await sub.unsubscribe()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu_started
 
 
 def start_service(url: str, profile: str | None) -> subprocess.Popen[bytes]:
@@ -157,12 +159,15 @@ def start_service(url: str, profile: str | None) -> subprocess.Popen[bytes]:
 async def service_pass(
     nc: NatsClient, url: str, total: int, profile: str | None = None
 ) -> dict[str, float]:
-    """Run the service on the stored storm; seconds from first delivery to all acked."""
+    """Run the service on the stored storm: seconds from first delivery to all acked, and the
+    service's CPU seconds over that same window (its start-up is left out of both)."""
     js = nc.jetstream()
     proc = start_service(url, profile)
+    service = psutil.Process(proc.pid)
     try:
         with ResourceSampler({"alarms": proc.pid}) as usage:
             first_seen = None
+            cpu_at_first = 0.0
             deadline = time.monotonic() + 300
             while True:
                 if proc.poll() is not None:
@@ -178,18 +183,28 @@ async def service_pass(
                 delivered = info.delivered.stream_seq if info.delivered else 0
                 floor = info.ack_floor.stream_seq if info.ack_floor else 0
                 if first_seen is None and delivered:
-                    first_seen = now
+                    first_seen, cpu_at_first = now, cpu_seconds(service)
                 if floor >= total:
+                    cpu_window = cpu_seconds(service) - cpu_at_first
                     break
                 await asyncio.sleep(POLL_S)
         assert first_seen is not None
         seconds = now - first_seen
-        cpu = usage.usage["alarms"]
-        return {"seconds": seconds, "cpu_cores": cpu.cpu_percent / 100, "rss_mb": cpu.rss_peak_mb}
+        return {
+            "seconds": seconds,
+            "cpu_seconds": cpu_window,
+            "cpu_cores": cpu_window / seconds,
+            "rss_mb": usage.usage["alarms"].rss_peak_mb,
+        }
     finally:
         proc.terminate()
         proc.wait(30)
         await js.delete_consumer(STREAM, SERVICE_CONSUMER)
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
 
 
 async def check_state(bus: Bus, alarms: int, flaps: int) -> dict[str, Any]:
@@ -233,10 +248,11 @@ async def run(
             batch = storm_events(plan)
             load_s = await load_stream(bus.nc, batch)
             print(f"stored {events:,} alarm changes from {sites + 1:,} sites in {load_s:.1f} s")
-            raw_rates, ours, checks = [], [], []
+            raw_rates, raw_cpu, ours, checks = [], [], [], []
             for _ in range(rounds):
-                raw_s = await raw_count(bus.nc, events)
+                raw_s, raw_cpu_s = await raw_count(bus.nc, events)
                 raw_rates.append(rate(events, raw_s))
+                raw_cpu.append(raw_cpu_s)
                 passed = await service_pass(bus.nc, server.url, events, profile)
                 ours.append({**passed, "rate": rate(events, passed["seconds"])})
                 checks.append(await check_state(bus, alarms, flaps))
@@ -245,13 +261,14 @@ async def run(
             await bus.close()
     rows = [
         [n + 1, raw_rates[n], ours[n]["rate"], ours[n]["rate"] / raw_rates[n],
+         raw_cpu[n] / events * 1e6, ours[n]["cpu_seconds"] / events * 1e6,
          ours[n]["cpu_cores"], checks[n]["records"], checks[n]["kv_writes"],
          checks[n]["flapper_caught"]]
         for n in range(rounds)
     ]  # fmt: skip
     print(format_table(
-        ["round", "raw msg/s", "alarms/s", "ratio", "service cores", "records", "KV writes",
-         "flap caught"], rows
+        ["round", "raw msg/s", "alarms/s", "ratio", "raw CPU µs/msg", "service CPU µs/change",
+         "service cores", "records", "KV writes", "flap caught"], rows
     ))  # fmt: skip
     bad = [
         c
@@ -281,6 +298,10 @@ async def run(
             ),
             "quick": quick,
             "service_cpu_cores": median(o["cpu_cores"] for o in ours),
+            # CPU per message on each side: what the ratio is made of. The counting reader's
+            # share moves most between machines (its work is nats-py's own Python).
+            "raw_cpu_us_per_msg": median(c / events * 1e6 for c in raw_cpu),
+            "service_cpu_us_per_change": median(o["cpu_seconds"] / events * 1e6 for o in ours),
             "service_rss_mb": max(o["rss_mb"] for o in ours),
             "records": checks[-1]["records"],
             "kv_writes_per_change": median(c["kv_writes"] for c in checks) / events,
