@@ -3,20 +3,14 @@ Used by tests, benchmarks and the "external broker" mode; stdlib only, no MQTT l
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
 import shutil
-import signal
 import socket
 import struct
-import subprocess
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Self
+
+from bus.childprocess import ChildServer
 
 __all__ = [
     "MosquittoBridge",
@@ -29,7 +23,6 @@ __all__ = [
 
 LOOPBACK = "127.0.0.1"
 _FALLBACK_BINARY = Path("/usr/sbin/mosquitto")
-_POLL_INTERVAL = 0.02
 _PROBE_TIMEOUT = 1.0
 
 
@@ -176,34 +169,6 @@ def render_config(spec: MosquittoSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-# Every process we launched and have not reaped yet, so an interpreter exit
-# (crashed test run, Ctrl-C) never leaves brokers holding ports.
-_live_processes: dict[int, subprocess.Popen[bytes]] = {}
-_live_lock = threading.Lock()
-
-
-def _register(proc: subprocess.Popen[bytes]) -> None:
-    with _live_lock:
-        _live_processes[proc.pid] = proc
-
-
-def _unregister(proc: subprocess.Popen[bytes]) -> None:
-    with _live_lock:
-        _live_processes.pop(proc.pid, None)
-
-
-@atexit.register
-def _kill_leftover_processes() -> None:
-    with _live_lock:
-        leftovers = list(_live_processes.values())
-        _live_processes.clear()
-    for proc in leftovers:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=2.0)
-
-
 def _connect_packet(client_id: str) -> bytes:
     """A minimal MQTT 3.1.1 CONNECT: clean session, keepalive 5 s, no credentials."""
     cid = client_id.encode()
@@ -226,130 +191,28 @@ def _answers_connack(host: str, port: int) -> bool:
         return False
 
 
-class MosquittoProcess:
+class MosquittoProcess(ChildServer):
     """One mosquitto child process; restartable on the same port with the same data."""
 
+    error = MosquittoError
+
     def __init__(self, spec: MosquittoSpec, workdir: Path, name: str = "mosquitto") -> None:
+        super().__init__(workdir, name)
         self.spec = spec
-        self.workdir = workdir
-        self.name = name
-        self._proc: subprocess.Popen[bytes] | None = None
 
-    # -- lifecycle -----------------------------------------------------------
+    def _command(self) -> list[str]:
+        return [mosquitto_binary(), "-c", str(self.config_path)]
 
-    def start(self, timeout: float = 10.0) -> None:
-        """Launch the broker and return once it answers a real CONNECT."""
-        if self.running:
-            raise MosquittoError(f"{self.name} is already running (pid {self.pid})")
-        self._reap_exited()
-        self._prepare_dirs()
-        self.config_path.write_text(render_config(self.spec), encoding="utf-8")
-        with self.log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                [mosquitto_binary(), "-c", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Own session: a Ctrl-C aimed at the test runner must not reach the
-                # broker before we stop it in order.
-                start_new_session=True,
-            )
-        _register(proc)
-        self._proc = proc
-        try:
-            self._wait_ready(proc, timeout)
-        except BaseException:
-            self.kill()
-            raise
+    def _config_text(self) -> str:
+        return render_config(self.spec)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM (mosquitto saves its persistence file), then SIGKILL after `timeout`."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        _unregister(proc)
-
-    def kill(self) -> None:
-        """SIGKILL without any shutdown (simulates a crash or power loss)."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait()
-        _unregister(proc)
-
-    def restart(self, timeout: float = 10.0) -> None:
-        """Graceful stop, then start again on the same port."""
-        self.stop()
-        self.start(timeout=timeout)
-
-    def __enter__(self) -> Self:
-        if not self.running:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def _prepare_dirs(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
+    def _prepare(self) -> None:
+        super()._prepare()
         if self.spec.persistence_dir is not None:
             self.spec.persistence_dir.mkdir(parents=True, exist_ok=True)
 
-    def _reap_exited(self) -> None:
-        """Forget a process that died on its own, so it is not left a zombie."""
-        if self._proc is not None and self._proc.poll() is not None:
-            _unregister(self._proc)
-            self._proc = None
-
-    def _wait_ready(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise MosquittoError(
-                    f"{self.name} exited with code {proc.returncode} during start\n"
-                    f"{self.log_tail()}"
-                )
-            if _answers_connack(self.spec.host, self.spec.port):
-                return
-            if time.monotonic() >= deadline:
-                raise MosquittoError(
-                    f"{self.name} not ready after {timeout:.1f}s\n{self.log_tail()}"
-                )
-            time.sleep(_POLL_INTERVAL)
-
-    # -- inspection ----------------------------------------------------------
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:]) or "(no log)"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+    def _is_ready(self) -> bool:
+        return _answers_connack(self.spec.host, self.spec.port)
 
     @property
     def host(self) -> str:
@@ -362,11 +225,3 @@ class MosquittoProcess:
     @property
     def url(self) -> str:
         return f"mqtt://{self.spec.host}:{self.spec.port}"
-
-    @property
-    def config_path(self) -> Path:
-        return self.workdir / f"{self.name}.conf"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / f"{self.name}.log"

@@ -3,25 +3,21 @@ Used by tests, the demo and the site supervisor; stdlib only, no client library.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
+
+from bus.childprocess import ChildServer
 
 __all__ = [
     "LeafRemote",
@@ -239,34 +235,6 @@ def render_config(spec: NatsServerSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-# Every process we launched and have not reaped yet, so an interpreter exit
-# (crashed test run, Ctrl-C) never leaves servers holding ports and store dirs.
-_live_processes: dict[int, subprocess.Popen[bytes]] = {}
-_live_lock = threading.Lock()
-
-
-def _register(proc: subprocess.Popen[bytes]) -> None:
-    with _live_lock:
-        _live_processes[proc.pid] = proc
-
-
-def _unregister(proc: subprocess.Popen[bytes]) -> None:
-    with _live_lock:
-        _live_processes.pop(proc.pid, None)
-
-
-@atexit.register
-def _kill_leftover_processes() -> None:
-    with _live_lock:
-        leftovers = list(_live_processes.values())
-        _live_processes.clear()
-    for proc in leftovers:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=2.0)
-
-
 def _http_get(url: str) -> tuple[int, bytes]:
     """(status, body) for a GET; (0, b"") when nothing answers."""
     try:
@@ -278,106 +246,22 @@ def _http_get(url: str) -> tuple[int, bytes]:
         return 0, b""
 
 
-class NatsServerProcess:
+class NatsServerProcess(ChildServer):
     """One nats-server child process; restartable with the same ports and store."""
 
+    error = NatsServerError
+
     def __init__(self, spec: NatsServerSpec, workdir: Path) -> None:
+        super().__init__(workdir, spec.name)
         self.spec = spec
-        self.workdir = workdir
-        self._proc: subprocess.Popen[bytes] | None = None
 
-    # -- lifecycle -----------------------------------------------------------
+    def _command(self) -> list[str]:
+        return [nats_server_binary(), "-c", str(self.config_path)]
 
-    def start(self, timeout: float = 10.0) -> None:
-        """Launch the server and return once every listener accepts connections."""
-        if self.running:
-            raise NatsServerError(f"{self.spec.name} is already running (pid {self.pid})")
-        self._reap_exited()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(render_config(self.spec), encoding="utf-8")
-        with self.log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                [nats_server_binary(), "-c", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Own session: a Ctrl-C aimed at the test runner must not reach
-                # the servers before we shut them down in order.
-                start_new_session=True,
-            )
-        _register(proc)
-        self._proc = proc
-        try:
-            self._wait_ready(proc, timeout)
-        except BaseException:
-            self.kill()
-            raise
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL after `timeout`; always reaps. No-op when not running."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        _unregister(proc)
-
-    def kill(self) -> None:
-        """SIGKILL without any shutdown (simulates a crash / power loss)."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait()
-        _unregister(proc)
-
-    def _reap_exited(self) -> None:
-        """Forget a process that died on its own (crash), so it is not left a zombie."""
-        if self._proc is not None and self._proc.poll() is not None:
-            _unregister(self._proc)
-            self._proc = None
-
-    def restart(self, timeout: float = 10.0) -> None:
-        self.stop()
-        self.start(timeout=timeout)
-
-    def __enter__(self) -> Self:
-        if not self.running:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def _config_text(self) -> str:
+        return render_config(self.spec)
 
     # -- readiness -----------------------------------------------------------
-
-    def _wait_ready(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise NatsServerError(
-                    f"{self.spec.name} exited with code {proc.returncode} during start\n"
-                    f"{self.log_tail()}"
-                )
-            if self._is_ready():
-                return
-            if time.monotonic() >= deadline:
-                raise NatsServerError(
-                    f"{self.spec.name} not ready after {timeout:.1f}s\n{self.log_tail()}"
-                )
-            time.sleep(_POLL_INTERVAL)
 
     def _is_ready(self) -> bool:
         # /healthz is only 200 once every configured listener (client, leaf, MQTT)
@@ -424,26 +308,7 @@ class NatsServerProcess:
                 raise TimeoutError(f"after {timeout:.1f}s: {describe()}")
             time.sleep(_POLL_INTERVAL)
 
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
-
     # -- addresses and state -------------------------------------------------
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def config_path(self) -> Path:
-        return self.workdir / f"{self.spec.name}.conf"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / f"{self.spec.name}.log"
 
     @property
     def url(self) -> str:
@@ -468,19 +333,6 @@ class NatsServerProcess:
         if self.spec.mqtt_port is None:
             raise NatsServerError(f"{self.spec.name} has no MQTT listener")
         return self.spec.mqtt_port
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def returncode(self) -> int | None:
-        """Exit status of a process that died on its own; None while running or after stop()."""
-        return self._proc.poll() if self._proc is not None else None
 
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.running else "stopped"
