@@ -1,6 +1,7 @@
 """`KvMirror`: an in-memory copy of a JetStream KV bucket, kept current by a watcher.
 
-Values are parsed once on arrival; a watchdog re-synchronises a copy whose watcher stalled.
+Values are parsed once on arrival; `barrier` waits for every write made so far, and a watchdog
+re-synchronises a copy whose watcher stalled.
 The bucket's single writer may pause the watcher and `remember` its own writes instead (as
 values, or as the bytes it wrote, parsed only when the copy is next read).
 """
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, ItemsView
+import time
+from collections.abc import Callable, ItemsView, ValuesView
 from typing import Generic, TypeVar
 
 from nats.js import JetStreamContext
@@ -48,7 +50,8 @@ class KvMirror(Generic[T]):
         self._values: dict[str, T] = {}
         self._encoded: dict[str, bytes] = {}  # our own writes, parsed when next read
         self._revisions: dict[str, int] = {}
-        self._applied = 0
+        self._applied = 0  # highest revision the watcher delivered (not our own writes)
+        self._progress = asyncio.Event()
         self._checked_at = -1
         self._loading = False
         self._watcher: KeyValue.KeyWatcher | None = None
@@ -67,6 +70,10 @@ class KvMirror(Generic[T]):
     def items(self) -> ItemsView[str, T]:
         self._parse_encoded()
         return self._values.items()
+
+    def values(self) -> ValuesView[T]:
+        self._parse_encoded()
+        return self._values.values()
 
     def revision(self, key: str) -> int:
         """The key's last revision seen (a deleted key keeps its delete marker's)."""
@@ -112,13 +119,24 @@ class KvMirror(Generic[T]):
     # -- the watcher ------------------------------------------------------------------
 
     async def start(self, timeout: float = 60.0) -> None:
-        """Load the whole bucket, then keep following it."""
+        """Load the whole bucket, then keep following it. Returns once the copy holds every
+        write made before the call."""
         loaded = asyncio.Event()
         self._loading = True
+        target = await self._last_revision()
         self._watcher = await self._kv.watchall()
         self._follow = asyncio.create_task(self._follow_updates(self._watcher, loaded))
-        await asyncio.wait_for(loaded.wait(), timeout)
+        await asyncio.wait_for(self._loaded_up_to(target, loaded), timeout)
         self._loading = False
+
+    async def _loaded_up_to(self, target: int, loaded: asyncio.Event) -> None:
+        # nats-py's watcher can say "loaded" before it hands over the entries it loaded:
+        # when the server sent them all before its consumer-info reply came back, it sees
+        # nothing pending and nothing taken yet. So also wait for the revision.
+        await loaded.wait()
+        while self._applied < target:
+            self._progress.clear()
+            await self._progress.wait()
 
     async def stop(self) -> None:
         if self._follow is not None:
@@ -157,13 +175,37 @@ class KvMirror(Generic[T]):
             await self.stop()
             await self.start()
 
+    async def barrier(self, timeout: float) -> bool:
+        """Wait until this copy has seen every write made so far, by anyone (not while paused).
+
+        True once caught up; False after `timeout` (re-synchronised if it made no progress)."""
+        target = await self._last_revision()
+        started_at = self._applied
+        deadline = time.monotonic() + timeout
+        while self._applied < target:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._log.warning("kv_mirror_lagging", applied=self._applied, target=target)
+                if self._applied == started_at:
+                    await self.resync()
+                return False
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), remaining)
+        return True
+
+    async def _last_revision(self) -> int:
+        """The newest revision in the bucket (0 if it holds none: a purged stream keeps its
+        last sequence, but no watcher can deliver it)."""
+        state = (await self._js.stream_info(self._stream)).state
+        return int(state.last_seq) if state.messages else 0
+
     async def check(self) -> None:
         """Call periodically: a copy behind the bucket that has not moved since the last
         check lost its watcher (e.g. the server restarted), so it re-synchronises."""
         if self._paused:
             return
-        info = await self._js.stream_info(self._stream)
-        behind = self._applied < int(info.state.last_seq)
+        behind = self._applied < await self._last_revision()
         if behind and self._applied == self._checked_at:
             self._log.warning("kv_watch_stalled", applied=self._applied)
             await self.resync()
@@ -185,6 +227,7 @@ class KvMirror(Generic[T]):
                 if value is not None:
                     self._store(entry.key, value, revision, notify=loaded.is_set())
             self._applied = max(self._applied, revision)
+            self._progress.set()
             if entry.delta == 0:
                 loaded.set()
             count += 1

@@ -57,7 +57,6 @@ from services.alarms.storm import Notice, StormGuard
 CONSUMER = "alarms"
 ACK_CONSUMER = "alarms-acks"
 COMPONENT = "alarms"
-KV_STREAM = f"KV_{ALARMS_KV.bucket}"
 KV_SUBJECT_PREFIX = f"$KV.{ALARMS_KV.bucket}."
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 KV_OPERATION = "KV-Operation"
@@ -65,7 +64,6 @@ WRONG_LAST_SEQUENCE = 10071  # JetStream error code of a failed compare-and-set
 WRITE_TIMEOUT_S = 10.0
 PRUNE_EVERY_S = 60.0
 LOAD_TIMEOUT_S = 30.0
-LOAD_POLL_S = 0.02
 
 
 class WriteConflict(RuntimeError):
@@ -171,14 +169,8 @@ class AlarmProcessor:
         await js.add_consumer(feed.stream, config=consumer)
 
     async def _load(self) -> None:
-        info = await self._bus.js.stream_info(KV_STREAM)
-        target = int(info.state.last_seq)
-        for _ in range(int(LOAD_TIMEOUT_S / LOAD_POLL_S)):  # the watcher follows on its own
-            if self._mirror.applied >= target:
-                break
-            await asyncio.sleep(LOAD_POLL_S)
-        if self._mirror.applied < target:
-            self._log.warning("alarm_state_behind", applied=self._mirror.applied, target=target)
+        if not await self._mirror.barrier(LOAD_TIMEOUT_S):
+            self._log.warning("alarm_state_behind", applied=self._mirror.applied)
         self.table = {}
         self._revisions = {}
         for key, record in list(self._mirror.items()):

@@ -1,12 +1,11 @@
-"""The site registry in JetStream KV: a watched in-memory copy for reads, CAS for every write.
-
-Any number of controller replicas share one bucket; none ever overwrites another's write.
+"""The site registry in JetStream KV: a watched in-memory copy for reads (`bus.kvmirror`),
+CAS for every write. Any number of controller replicas share one bucket; none ever overwrites
+another's write.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -17,13 +16,13 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
+from bus.kvmirror import KvMirror
 from bus.log import get_logger
 from schemas.controller import SiteRecord
 
 MUTATE_DEADLINE_S = 10.0
 BACKOFF_MAX_S = 0.05
-# Markers of a deleted key as nats-py reports them (`KV-Operation` header).
-_DELETE_OPS = ("DEL", "PURGE")
+LOAD_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -46,39 +45,29 @@ Change = Callable[[SiteRecord | None], SiteRecord | None]
 class Registry:
     """SITES bucket access for one replica.
 
-    Reads come from a copy kept current by a KV watcher. Writes go through `mutate`:
-    compute the next record from the current one, write it only if the key's revision is
-    still the one it was computed from, and on conflict re-read and recompute.
+    Reads come from a copy kept current by a KV watcher (`KvMirror`). Writes go through
+    `mutate`: compute the next record from the current one, write it only if the key's
+    revision is still the one it was computed from, and on conflict re-read and recompute.
+    The copy keeps the last revision of every key, deleted keys included: an older write
+    never resurrects a record a newer delete removed.
     """
 
     def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str) -> None:
-        self._js = js
         self._kv = kv
-        self._stream = f"KV_{bucket}"
-        self._records: dict[str, SiteRecord] = {}
-        # Last revision known per key, deleted keys included: an older write must never
-        # resurrect a record a newer delete removed.
-        self._revisions: dict[str, int] = {}
-        self._applied = 0  # highest revision delivered by the watcher (not by our writes)
-        self._checked_at = -1  # `_applied` at the previous watchdog check
-        self._progress = asyncio.Event()
-        self._resyncing = asyncio.Lock()
-        self._watcher: KeyValue.KeyWatcher | None = None
-        self._follow: asyncio.Task[None] | None = None
+        self._copy: KvMirror[SiteRecord] = KvMirror(js, kv, bucket, self._decode)
         self.conflicts = 0
-        self.resyncs = 0
         self._log = get_logger("controller.registry")
 
     # -- reads ------------------------------------------------------------------------
 
     def get(self, site: str) -> SiteRecord | None:
-        return self._records.get(site)
+        return self._copy.get(site)
 
     def records(self) -> Iterable[SiteRecord]:
-        return self._records.values()
+        return self._copy.values()
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._copy)
 
     async def read(self, site: str) -> tuple[SiteRecord | None, int]:
         """The authoritative record and revision, straight from the bucket."""
@@ -86,10 +75,10 @@ class Registry:
             entry = await self._kv.get(site)
         except KeyNotFoundError as exc:  # deleted (the marker's revision) or never written
             revision = exc.entry.revision if exc.entry is not None else 0
-            self._remember(site, None, revision)
+            self._copy.remember(site, None, revision)
             return None, revision
-        record, revision = self._decode(site, entry.value), entry.revision or 0
-        self._remember(site, record, revision)
+        record, revision = self._decode(site, entry.value or b""), entry.revision or 0
+        self._copy.remember(site, record, revision)  # an unreadable record counts as none
         return record, revision
 
     async def barrier(self, timeout: float) -> bool:
@@ -97,34 +86,12 @@ class Registry:
 
         True once caught up; False after `timeout` (re-synchronised if it made no progress).
         """
-        target = await self._last_revision()
-        started_at = self._applied
-        deadline = time.monotonic() + timeout
-        while self._applied < target:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._log.warning("registry_lagging", applied=self._applied, target=target)
-                if self._applied == started_at:
-                    await self.resync()
-                return False
-            self._progress.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), remaining)
-        return True
+        return await self._copy.barrier(timeout)
 
     async def check(self) -> None:
         """Watchdog, called periodically: a copy that is behind the bucket and has not moved
         since the last check lost its watcher (e.g. the server restarted): re-synchronise."""
-        target = await self._last_revision()
-        behind = self._applied < target
-        if behind and self._applied == self._checked_at:
-            self._log.warning("registry_watch_stalled", applied=self._applied, target=target)
-            await self.resync()
-        self._checked_at = self._applied
-
-    async def _last_revision(self) -> int:
-        info = await self._js.stream_info(self._stream)
-        return int(info.state.last_seq)
+        await self._copy.check()
 
     # -- writes -----------------------------------------------------------------------
 
@@ -138,7 +105,7 @@ class Registry:
         Conflicts back off with jitter, so a replica that keeps losing to another's
         stream of writes on the same key still gets its turn.
         """
-        record, revision = self._records.get(site), self._revisions.get(site, 0)
+        record, revision = self._copy.get(site), self._copy.revision(site)
         deadline = time.monotonic() + give_up_after_s
         attempt = 0
         while True:
@@ -163,68 +130,30 @@ class Registry:
                 await asyncio.sleep(random.uniform(0, min(BACKOFF_MAX_S, 0.001 * 2**attempt)))
                 record, revision = await self.read(site)
                 continue
-            self._remember(site, after, new_revision)
+            self._copy.remember(site, after, new_revision)
             return Mutation(record, after, True, new_revision)
 
     # -- the watched copy ---------------------------------------------------------------
 
-    async def start(self, timeout: float = 30.0) -> None:
+    @property
+    def resyncs(self) -> int:
+        return self._copy.resyncs
+
+    async def start(self, timeout: float = LOAD_TIMEOUT_S) -> None:
         """Load the whole bucket, then keep following it."""
-        loaded = asyncio.Event()
-        self._watcher = await self._kv.watchall()
-        self._follow = asyncio.create_task(self._follow_updates(self._watcher, loaded))
-        await asyncio.wait_for(loaded.wait(), timeout)
-        self._log.info("registry_loaded", sites=len(self._records), revision=self._applied)
+        await self._copy.start(timeout)
+        self._log.info("registry_loaded", sites=len(self._copy), revision=self._copy.applied)
 
     async def resync(self) -> None:
         """Restart the watcher (e.g. its consumer was lost): reloads the latest of each key."""
-        if self._resyncing.locked():
-            return  # one is under way: it will bring the copy up to date
-        async with self._resyncing:
-            self.resyncs += 1
-            await self.stop()
-            await self.start()
+        await self._copy.resync()
 
     async def stop(self) -> None:
-        if self._follow is not None:
-            self._follow.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follow
-            self._follow = None
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):  # already gone with its connection
-                await self._watcher.stop()  # type: ignore[no-untyped-call]
-            self._watcher = None
+        await self._copy.stop()
 
-    async def _follow_updates(self, watcher: KeyValue.KeyWatcher, loaded: asyncio.Event) -> None:
-        async for entry in watcher:
-            if entry is None:  # end of the initial load
-                loaded.set()
-                continue
-            revision = entry.revision or 0
-            if entry.operation in _DELETE_OPS:
-                self._remember(entry.key, None, revision)
-            else:
-                record = self._decode(entry.key, entry.value)
-                if record is not None:
-                    self._remember(entry.key, record, revision)
-            self._applied = max(self._applied, revision)
-            self._progress.set()
-            if entry.delta == 0:
-                loaded.set()
-
-    def _remember(self, site: str, record: SiteRecord | None, revision: int) -> None:
-        if revision <= self._revisions.get(site, 0):
-            return
-        self._revisions[site] = revision
-        if record is None:
-            self._records.pop(site, None)
-        else:
-            self._records[site] = record
-
-    def _decode(self, site: str, value: bytes | None) -> SiteRecord | None:
+    def _decode(self, site: str, value: bytes) -> SiteRecord | None:
         try:
-            return SiteRecord.model_validate_json(value or b"")
+            return SiteRecord.model_validate_json(value)
         except ValidationError as exc:
             # Kept out of the copy but logged: an operator must look at this key.
             self._log.error("registry_record_invalid", site=site, error=str(exc)[:500])
