@@ -30,6 +30,7 @@ __all__ = [
     "ResourceSampler",
     "ResourceUsage",
     "bench_args",
+    "cpu_us_per_item",
     "format_table",
     "machine_info",
     "median",
@@ -237,6 +238,11 @@ class ResourceUsage:
     def cpu_percent(self) -> float:
         """Share of one core (100 = one core fully busy)."""
         return 100.0 * safe_ratio(self.cpu_seconds, self.wall_seconds)
+
+
+def cpu_us_per_item(sampler: ResourceSampler, n: int) -> dict[str, float]:
+    """Each sampled process's CPU in µs per item, over `n` items."""
+    return {name: 1e6 * usage.cpu_seconds / n for name, usage in sampler.usage.items()}
 
 
 class ResourceSampler:

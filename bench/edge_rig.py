@@ -719,3 +719,64 @@ def probe_bridge(edge: Any, center: Any, timeout_s: float = 20.0) -> float:
             with contextlib.suppress(Exception):
                 client.disconnect()
                 client.loop_stop()
+
+
+# -- the forwarding site both edge benches time ----------------------------------------------
+
+
+class ForwardingSiteRig:
+    """A hub, one site on it and the site's agent forwarding readings to the center's
+    `UP_READING`, warmed up (agent consumers declared, leaf interest in place) before
+    anything is timed. The benches subclass it with their own baselines and trials."""
+
+    up_stream = "UP_READING"
+
+    def __init__(self, ctx: SpawnContext, base: Path) -> None:
+        # Imported here: the spawned publishers import this module and need none of it.
+        from bus.testing import EdgeTopology
+
+        self.ctx = ctx
+        self.base = base
+        self.topology = EdgeTopology(base / "edge")
+        self.agent = AgentProcess("", base)
+        self.hub_nc: Any = None
+        self.hub_js: Any = None
+
+    async def start_site(
+        self,
+        *,
+        via_proxy: bool = True,
+        agent_args: Sequence[str] = (),
+        profile_path: Path | None = None,
+    ) -> Any:
+        """Start hub, site (through the link proxy unless not `via_proxy`) and agent, then
+        warm the whole path with a few readings; the site (`EdgeTopology` entry)."""
+        from bus.streams import ensure_uplink_streams
+
+        await asyncio.to_thread(self.topology.start_hub)
+        site = await asyncio.to_thread(self.topology.add_site, SITE, via_proxy=via_proxy)
+        self.hub_nc = await connect(self.topology.hub.url, "bench-center")
+        self.hub_js = self.hub_nc.jetstream()
+        await ensure_uplink_streams(self.hub_js)
+        self.agent = AgentProcess(site.url, self.base, agent_args, profile_path=profile_path)
+        self.agent.start()
+        await wait_agent_ready(site.url, self.agent)
+        warm = publisher_jobs(site.mqtt_host, site.mqtt_port, "warmup", 1, 1, 10)
+        await asyncio.to_thread(Publishers(self.ctx, warm).run, 60.0)
+        try:
+            await wait_for(lambda: self.center_has(10), 60, "warm-up readings at the center")
+        except TimeoutError:
+            raise RuntimeError(f"agent not forwarding:\n{self.agent.log_tail()}") from None
+        return site
+
+    async def center_has(self, count: int) -> bool:
+        return await stream_messages(self.hub_js, self.up_stream) >= count
+
+    async def stop_site(self) -> None:
+        """Stop the agent (its log printed if it failed), the hub connection and topology."""
+        code = self.agent.stop()
+        if code not in (0, None):
+            print(f"agent exited {code}:\n{self.agent.log_tail()}")
+        if self.hub_nc is not None:
+            await self.hub_nc.close()
+        self.topology.stop()

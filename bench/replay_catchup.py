@@ -51,6 +51,7 @@ from bench.common import (
     BenchResult,
     ResourceSampler,
     bench_args,
+    cpu_us_per_item,
     format_table,
     machine_info,
     median,
@@ -58,9 +59,9 @@ from bench.common import (
 )
 from bench.edge_rig import (
     SITE,
-    AgentProcess,
     CenterSubscriber,
     Delivery,
+    ForwardingSiteRig,
     Publishers,
     bridged_mosquittos,
     check_delivery,
@@ -73,13 +74,10 @@ from bench.edge_rig import (
     stored_time,
     stream_last_seq,
     stream_messages,
-    wait_agent_ready,
     wait_count,
-    wait_for,
 )
 from bus import subjects
-from bus.streams import ensure_uplink_streams, uplink_stream
-from bus.testing import EdgeTopology
+from bus.streams import uplink_stream
 from edge_agent.config import ReplayConfig
 
 BENCH = "replay_catchup"
@@ -181,50 +179,27 @@ def baseline_process(url: str, n: int, window: int, payload: bytes, results: Any
 # -- the rig --------------------------------------------------------------------------------
 
 
-class Rig:
+class Rig(ForwardingSiteRig):
+    up_stream = UP_STREAM
+
     def __init__(self, ctx: SpawnContext, base: Path, args: argparse.Namespace) -> None:
-        self.ctx = ctx
-        self.base = base
+        super().__init__(ctx, base)
         self.args = args
-        self.topology = EdgeTopology(base / "edge")
-        self.agent = AgentProcess("", base)
-        self.hub_nc: Any = None
-        self.hub_js: Any = None
         self.site_nc: Any = None
         self.site_js: Any = None
         self.peer: Any = None
         self.event_bytes = len(sample_event("ours1"))
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.topology.start_hub)
-        site = await asyncio.to_thread(self.topology.add_site, SITE)
-        self.hub_nc = await connect(self.topology.hub.url, "bench-center")
-        self.hub_js = self.hub_nc.jetstream()
-        await ensure_uplink_streams(self.hub_js)
         extra = ["--batch-size", str(self.args.batch_size)] if self.args.batch_size else []
-        self.agent = AgentProcess(site.url, self.base, extra)
-        self.agent.start()
-        await wait_agent_ready(site.url, self.agent)
+        site = await self.start_site(agent_args=extra)
         self.site_nc = await connect(site.url, "bench-site")
         self.site_js = self.site_nc.jetstream()
-        warm = publisher_jobs(site.mqtt_host, site.mqtt_port, "warmup", 1, 1, 10)
-        await asyncio.to_thread(Publishers(self.ctx, warm).run, 60.0)
-        try:
-            await wait_for(lambda: self._center_has(10), 60, "warm-up readings at the center")
-        except TimeoutError:
-            raise RuntimeError(f"agent not forwarding:\n{self.agent.log_tail()}") from None
-
-    async def _center_has(self, count: int) -> bool:
-        return await stream_messages(self.hub_js, UP_STREAM) >= count
 
     async def stop(self) -> None:
-        code = self.agent.stop()
-        if code not in (0, None):
-            print(f"agent exited {code}:\n{self.agent.log_tail()}")
-        for nc in (self.site_nc, self.hub_nc):
-            if nc is not None:
-                await nc.close()
-        self.topology.stop()
+        if self.site_nc is not None:
+            await self.site_nc.close()
+        await self.stop_site()
 
     def jobs(self, host: str, port: int, tag: str) -> list[Any]:
         per_device = self.args.n // (self.args.publishers * DEVICES_EACH)
@@ -268,7 +243,7 @@ class Rig:
                 self.hub_js, UP_STREAM, before_count + trial.n, IDLE_TIMEOUT_S
             )
             last_at_count = await stream_last_seq(self.hub_js, UP_STREAM)
-        trial.cpu_us = _cpu_us(sampler, trial.n)
+        trial.cpu_us = cpu_us_per_item(sampler, trial.n)
         # Anything extra (a duplicate) would land right behind the last one.
         await asyncio.sleep(0.5)
         last = await stream_last_seq(self.hub_js, UP_STREAM)
@@ -313,7 +288,7 @@ class Rig:
             got = {"error": "no result"}
         # The publisher's own clock, from its first publish on (not its start-up imports).
         trial.cpu_us = {"publisher": 1e6 * got.get("cpu_s", math.nan) / trial.n,
-                        **_cpu_us(sampler, trial.n)}
+                        **cpu_us_per_item(sampler, trial.n)}
         await asyncio.to_thread(proc.join, 15)
         if proc.is_alive():
             proc.kill()
@@ -354,7 +329,7 @@ class Rig:
             trial.outage_s = restored_at - cut_at
             proxy.restore()
             got = await asyncio.to_thread(sub.result, PUBLISH_TIMEOUT_S)
-        trial.cpu_us = _cpu_us(sampler, trial.n)
+        trial.cpu_us = cpu_us_per_item(sampler, trial.n)
         trial.delivery = check_delivery(got.pairs, jobs)
         if trial.delivery.lost == 0:
             trial.catchup_s = got.t_last_new - restored_at
@@ -363,10 +338,6 @@ class Rig:
         errors = run.errors + ([got.error] if got.error else [])
         trial.error = "; ".join(errors) or None
         return trial
-
-
-def _cpu_us(sampler: ResourceSampler, n: int) -> dict[str, float]:
-    return {name: 1e6 * usage.cpu_seconds / n for name, usage in sampler.usage.items()}
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -46,6 +46,7 @@ from bench.common import (
     BenchResult,
     ResourceSampler,
     bench_args,
+    cpu_us_per_item,
     format_table,
     machine_info,
     median,
@@ -54,13 +55,12 @@ from bench.common import (
 from bench.edge_rig import (
     DEFAULT_INFLIGHT,
     SITE,
-    AgentProcess,
     CenterSubscriber,
     Delivery,
+    ForwardingSiteRig,
     Publishers,
     bridged_mosquittos,
     check_delivery,
-    connect,
     decode_readings,
     probe_bridge,
     publisher_jobs,
@@ -68,13 +68,10 @@ from bench.edge_rig import (
     stored_time,
     stream_last_seq,
     stream_messages,
-    wait_agent_ready,
     wait_count,
-    wait_for,
 )
 from bus.natsserver import NatsServerProcess, NatsServerSpec, free_port
-from bus.streams import ensure_uplink_streams, uplink_stream
-from bus.testing import EdgeTopology
+from bus.streams import uplink_stream
 
 BENCH = "site_ingest"
 TARGET = 0.8
@@ -103,10 +100,6 @@ class Trial:
         return 0 if self.error is None else self.n
 
 
-def _cpu_us(sampler: ResourceSampler, n: int) -> dict[str, float]:
-    return {name: 1e6 * u.cpu_seconds / n for name, u in sampler.usage.items()}
-
-
 def bare_listener(workdir: Path) -> NatsServerProcess:
     """A site-like nats-server with nothing behind its MQTT listener."""
     spec = NatsServerSpec(
@@ -116,50 +109,25 @@ def bare_listener(workdir: Path) -> NatsServerProcess:
     return NatsServerProcess(spec, workdir)
 
 
-class Rig:
+class Rig(ForwardingSiteRig):
     """Hub + site + agent (ours), the bare listener (baseline), the bridged mosquittos (peer)."""
 
+    up_stream = UP_STREAM
+
     def __init__(self, ctx: SpawnContext, base: Path, args: argparse.Namespace) -> None:
-        self.ctx = ctx
-        self.base = base
+        super().__init__(ctx, base)
         self.args = args
-        self.topology = EdgeTopology(base / "edge")
         self.bare = bare_listener(base / "bare")
-        self.agent = AgentProcess("", base)
-        self.hub_nc: Any = None
-        self.hub_js: Any = None
         self.peer: Any = None  # (edge, proxy, center) while the peer runs
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.topology.start_hub)
-        site = await asyncio.to_thread(self.topology.add_site, SITE, via_proxy=False)
-        await asyncio.to_thread(self.bare.start)
-        self.hub_nc = await connect(self.topology.hub.url, "bench-center")
-        self.hub_js = self.hub_nc.jetstream()
-        await ensure_uplink_streams(self.hub_js)
         profile = self.args.profile / "agent.prof" if self.args.profile else None
-        self.agent = AgentProcess(site.url, self.base, profile_path=profile)
-        self.agent.start()
-        await wait_agent_ready(site.url, self.agent)
-        # Warm the whole path (agent up, consumers declared, leaf interest in place).
-        warm = publisher_jobs(site.mqtt_host, site.mqtt_port, "warmup", 1, 1, 10)
-        await asyncio.to_thread(Publishers(self.ctx, warm).run, 60.0)
-        try:
-            await wait_for(lambda: self._center_has(10), 60, "warm-up readings at the center")
-        except TimeoutError:
-            raise RuntimeError(f"agent not forwarding:\n{self.agent.log_tail()}") from None
-
-    async def _center_has(self, count: int) -> bool:
-        return await stream_messages(self.hub_js, UP_STREAM) >= count
+        await self.start_site(via_proxy=False, profile_path=profile)
+        await asyncio.to_thread(self.bare.start)
 
     async def stop(self) -> None:
-        code = self.agent.stop()
-        if code not in (0, None):
-            print(f"agent exited {code}:\n{self.agent.log_tail()}")
-        if self.hub_nc is not None:
-            await self.hub_nc.close()
+        await self.stop_site()
         self.bare.stop()
-        self.topology.stop()
 
     def jobs(self, host: str, port: int, tag: str) -> list[Any]:
         a = self.args
@@ -176,7 +144,7 @@ class Rig:
         with ResourceSampler({"server": self.bare.pid}) as sampler:
             pubs.go()
             run = await asyncio.to_thread(pubs.join, PUBLISH_TIMEOUT_S)
-        trial.cpu_us = _cpu_us(sampler, trial.n)
+        trial.cpu_us = cpu_us_per_item(sampler, trial.n)
         trial.cpu_us["publishers"] = 1e6 * run.cpu_s / trial.n
         trial.rate = trial.pub_rate = run.rate
         trial.delivery = Delivery(expected=trial.n, received=run.acked, unique=run.acked)
@@ -198,7 +166,7 @@ class Rig:
             count = await wait_count(
                 self.hub_js, UP_STREAM, before_count + trial.n, IDLE_TIMEOUT_S
             )
-        trial.cpu_us = _cpu_us(sampler, trial.n)
+        trial.cpu_us = cpu_us_per_item(sampler, trial.n)
         trial.cpu_us["publishers"] = 1e6 * run.cpu_s / trial.n
         trial.pub_rate = run.rate
         last = await stream_last_seq(self.hub_js, UP_STREAM)
@@ -229,7 +197,7 @@ class Rig:
             pubs.go()
             run = await asyncio.to_thread(pubs.join, PUBLISH_TIMEOUT_S)
             got = await asyncio.to_thread(sub.result, PUBLISH_TIMEOUT_S)
-        trial.cpu_us = _cpu_us(sampler, trial.n)
+        trial.cpu_us = cpu_us_per_item(sampler, trial.n)
         trial.cpu_us["publishers"] = 1e6 * run.cpu_s / trial.n
         trial.pub_rate = run.rate
         trial.delivery = check_delivery(got.pairs, jobs)
