@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bus.childprocess import ChildServer
+from bus.ports import free_port
 
 __all__ = [
     "MosquittoBridge",
@@ -41,14 +42,6 @@ def mosquitto_binary() -> str:
         f"mosquitto not found on PATH nor at {_FALLBACK_BINARY}; "
         "install it with `apt-get install -y mosquitto mosquitto-clients`"
     )
-
-
-def _free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that was free a moment ago (the kernel may hand it out again later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,7 +79,7 @@ class MosquittoBridge:
 class MosquittoSpec:
     """Everything needed to render one broker's config; the port is fixed at construction."""
 
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     host: str = LOOPBACK
     allow_anonymous: bool = True
     # mosquitto persistence is a snapshot: written on SIGTERM and every

