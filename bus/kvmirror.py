@@ -23,6 +23,9 @@ T = TypeVar("T")
 # Markers of a deleted key as nats-py reports them (`KV-Operation` header).
 _DELETE_OPS = ("DEL", "PURGE")
 
+# How long `start` waits, once the watcher says it loaded, for the entries it loaded.
+LOAD_GRACE_S = 5.0
+
 Parse = Callable[[str, bytes], T | None]
 OnChange = Callable[[str, T | None, T | None], None]
 
@@ -52,6 +55,7 @@ class KvMirror(Generic[T]):
         self._revisions: dict[str, int] = {}
         self._applied = 0  # highest revision the watcher delivered (not our own writes)
         self._progress = asyncio.Event()
+        self._short_of: int | None = None  # a newest revision `start` found undeliverable
         self._checked_at = -1
         self._loading = False
         self._watcher: KeyValue.KeyWatcher | None = None
@@ -132,8 +136,17 @@ class KvMirror(Generic[T]):
     async def _loaded_up_to(self, target: int, loaded: asyncio.Event) -> None:
         # nats-py's watcher can say "loaded" before it hands over the entries it loaded:
         # when the server sent them all before its consumer-info reply came back, it sees
-        # nothing pending and nothing taken yet. So also wait for the revision.
+        # nothing pending and nothing taken yet. So also wait for the revision, briefly:
+        # those entries are already here, and a newest revision no watcher can deliver (its
+        # message purged away, as `KeyValue.purge_deletes` does) must not stop the start.
         await loaded.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._reach(target), LOAD_GRACE_S)
+        if self._applied < target:
+            self._short_of = target  # not a stall: `check` and `barrier` must not wait for it
+            self._log.warning("kv_mirror_loaded_short", applied=self._applied, target=target)
+
+    async def _reach(self, target: int) -> None:
         while self._applied < target:
             self._progress.clear()
             await self._progress.wait()
@@ -182,7 +195,7 @@ class KvMirror(Generic[T]):
         target = await self._last_revision()
         started_at = self._applied
         deadline = time.monotonic() + timeout
-        while self._applied < target:
+        while self._behind(target):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._log.warning("kv_mirror_lagging", applied=self._applied, target=target)
@@ -193,6 +206,9 @@ class KvMirror(Generic[T]):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._progress.wait(), remaining)
         return True
+
+    def _behind(self, target: int) -> bool:
+        return self._applied < target and target != self._short_of
 
     async def _last_revision(self) -> int:
         """The newest revision in the bucket (0 if it holds none: a purged stream keeps its
@@ -205,7 +221,7 @@ class KvMirror(Generic[T]):
         check lost its watcher (e.g. the server restarted), so it re-synchronises."""
         if self._paused:
             return
-        behind = self._applied < await self._last_revision()
+        behind = self._behind(await self._last_revision())
         if behind and self._applied == self._checked_at:
             self._log.warning("kv_watch_stalled", applied=self._applied)
             await self.resync()

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from bus import kvmirror
 from bus.client import open_connection
 from bus.config import NatsConfig
 from bus.kvmirror import KvMirror
@@ -141,4 +144,33 @@ async def test_start_returns_with_every_write_made_before_it(hub: NatsServerProc
         await mirror.stop()
     finally:
         await other.close()
+        await nc.close()
+
+
+async def test_start_does_not_wait_for_a_newest_message_purged_away(
+    hub: NatsServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kvmirror, "LOAD_GRACE_S", 0.3)
+    nc = await open_connection(NatsConfig.from_url(hub.url, name="kvmirror-removed"))
+    try:
+        js = nc.jetstream()
+        kv = await ensure_kv(js, KvSpec(bucket="REMOVEDTEST"))
+        await kv.put("a", b"1")
+        newest = await kv.put("b", b"2")
+        # As `KeyValue.purge_deletes` does with old delete markers: the stream keeps its last
+        # sequence, and no watcher can deliver it.
+        await js.purge_stream("KV_REMOVEDTEST", subject="$KV.REMOVEDTEST.b")
+        state = (await js.stream_info("KV_REMOVEDTEST")).state
+        assert state.last_seq == newest and state.messages == 1
+        mirror: KvMirror[str] = KvMirror(js, kv, "REMOVEDTEST", _text)
+        await asyncio.wait_for(mirror.start(), 3)  # the grace, not the 60 s load timeout
+        assert dict(mirror.items()) == {"a": "1"}
+        for _ in range(3):  # and it is no stall: no resync, no wait
+            await mirror.check()
+        assert mirror.resyncs == 0
+        assert await mirror.barrier(0.5)
+        await kv.put("c", b"3")  # a newer write is waited for again
+        assert await mirror.barrier(5.0) and mirror.get("c") == "3"
+        await mirror.stop()
+    finally:
         await nc.close()
