@@ -124,7 +124,8 @@ class KvMirror(Generic[T]):
 
     async def start(self, timeout: float = 60.0) -> None:
         """Load the whole bucket, then keep following it. Returns once the copy holds every
-        write made before the call."""
+        write made before the call (or, for a newest revision no watcher can deliver, after
+        waiting `LOAD_GRACE_S` for it)."""
         loaded = asyncio.Event()
         self._loading = True
         target = await self._last_revision()
