@@ -45,6 +45,7 @@ from bench.common import (
     machine_info,
     median,
     nats_server,
+    process_cpu_seconds,
     publish_all,
     rate,
 )
@@ -183,9 +184,9 @@ async def service_pass(
                 delivered = info.delivered.stream_seq if info.delivered else 0
                 floor = info.ack_floor.stream_seq if info.ack_floor else 0
                 if first_seen is None and delivered:
-                    first_seen, cpu_at_first = now, cpu_seconds(service)
+                    first_seen, cpu_at_first = now, process_cpu_seconds(service)
                 if floor >= total:
-                    cpu_window = cpu_seconds(service) - cpu_at_first
+                    cpu_window = process_cpu_seconds(service) - cpu_at_first
                     break
                 await asyncio.sleep(POLL_S)
         assert first_seen is not None
@@ -200,11 +201,6 @@ async def service_pass(
         proc.terminate()
         proc.wait(30)
         await js.delete_consumer(STREAM, SERVICE_CONSUMER)
-
-
-def cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
 
 
 async def check_state(bus: Bus, alarms: int, flaps: int) -> dict[str, Any]:

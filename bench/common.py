@@ -35,6 +35,7 @@ __all__ = [
     "machine_info",
     "median",
     "nats_server",
+    "process_cpu_seconds",
     "publish_all",
     "rate",
     "safe_ratio",
@@ -240,6 +241,12 @@ class ResourceUsage:
         return 100.0 * safe_ratio(self.cpu_seconds, self.wall_seconds)
 
 
+def process_cpu_seconds(proc: psutil.Process) -> float:
+    """CPU seconds (user + system) the process has used so far."""
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
 def cpu_us_per_item(sampler: ResourceSampler, n: int) -> dict[str, float]:
     """Each sampled process's CPU in µs per item, over `n` items."""
     return {name: 1e6 * usage.cpu_seconds / n for name, usage in sampler.usage.items()}
@@ -264,16 +271,12 @@ class ResourceSampler:
         self._t1 = 0.0
         self.usage: dict[str, ResourceUsage] = {}
 
-    @staticmethod
-    def _cpu_of(proc: psutil.Process) -> float:
-        times = proc.cpu_times()
-        return float(times.user + times.system)
 
     def _sample(self) -> None:
         for name, proc in self._procs.items():
             try:
                 with proc.oneshot():
-                    self._cpu[name] = self._cpu_of(proc)
+                    self._cpu[name] = process_cpu_seconds(proc)
                     self._rss[name] = max(self._rss.get(name, 0), int(proc.memory_info().rss))
             except psutil.Error:
                 continue
@@ -285,7 +288,7 @@ class ResourceSampler:
     def __enter__(self) -> ResourceSampler:
         for name, proc in self._procs.items():
             try:
-                self._cpu0[name] = self._cpu_of(proc)
+                self._cpu0[name] = process_cpu_seconds(proc)
             except psutil.Error:
                 self._cpu0[name] = 0.0
         self._t0 = time.perf_counter()
