@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
@@ -17,6 +18,21 @@ if TYPE_CHECKING:
     from bus.client import Bus
 
 C = TypeVar("C")
+
+# Young collections after this many net allocations (default 700); a full one after 20 x 100
+# of them. A center service keeps a large long-lived table (sites, alarms) beside a stream of
+# short-lived messages: with the defaults, full collections rescanned the table again and
+# again (controller: up to 3.2 s each at 100k sites; alarms storm: 0.34 s of GC in a 4.5 s
+# pass, 0.02 s with these).
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def collect_garbage_less_often() -> None:
+    """For a long-running service process, once its modules are loaded: freeze what start-up
+    allocated (modules, schemas; never garbage) out of the collector's sight, and collect the
+    young generation less often."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def service_main(
@@ -59,6 +75,7 @@ async def serve_until_signalled(
         loop.add_signal_handler(sig, stop.set)
     config = NatsConfig.from_url(nats_url, name=name, credentials=credentials)
     bus = await Bus.connect(config, scope="center", source=source)
+    collect_garbage_less_often()  # the service's modules are imported by now
     try:
         await run(bus, stop)
     finally:

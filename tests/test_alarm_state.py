@@ -4,13 +4,17 @@ flap detection, storm notices, site summaries and health. No server.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
+from typing import Annotated
 
 import pytest
+import typing_extensions
+from pydantic import BaseModel
 
-from schemas import REGISTRY, new_event
+from schemas import REGISTRY, Event, new_event
 from schemas.alarms import (
     AlarmAcknowledged,
     AlarmCleared,
@@ -32,7 +36,13 @@ from schemas.errors import (
     UnsupportedVersion,
 )
 from services.alarms.inputs import (
+    CLEARED,
+    RAISED,
     ChangeDecoder,
+    ClearedEvent,
+    ClearedFields,
+    RaisedEvent,
+    RaisedFields,
     TaggedCleared,
     TaggedRaised,
     origin_problem,
@@ -68,8 +78,9 @@ def raised(
     cause: str = "hot",
     severity: Severity = Severity.MAJOR,
     text: str = "hot",
-) -> AlarmRaised:
-    return AlarmRaised(
+) -> RaisedFields:
+    """A raise as the leader gets it (`AlarmRaised(**raised(...))`: the event's data)."""
+    return RaisedFields(
         alarm_id=alarm_id(site, entity, cause),
         site=site,
         entity=entity,
@@ -82,8 +93,8 @@ def raised(
 
 def cleared(
     at: datetime, site: str = "s1", entity: str = "pump", cause: str = "hot"
-) -> AlarmCleared:
-    return AlarmCleared(
+) -> ClearedFields:
+    return ClearedFields(
         alarm_id=alarm_id(site, entity, cause),
         site=site,
         entity=entity,
@@ -93,11 +104,15 @@ def cleared(
     )
 
 
-def flap(record: AlarmEntry | None, changes: list[AlarmRaised | AlarmCleared], first_seq: int = 1):
+def flap(
+    record: AlarmEntry | None, changes: list[RaisedFields | ClearedFields], first_seq: int = 1
+):
     seq = first_seq
     for change in changes:
-        apply = apply_raised if isinstance(change, AlarmRaised) else apply_cleared
-        after = apply(record, change, source=UP, seq=seq, now=T0, policy=POLICY)  # type: ignore[arg-type]
+        if "raised_at" in change:
+            after = apply_raised(record, change, source=UP, seq=seq, now=T0, policy=POLICY)
+        else:
+            after = apply_cleared(record, change, source=UP, seq=seq, now=T0, policy=POLICY)
         record = after or record
         seq += 1
     return record
@@ -316,7 +331,7 @@ def test_origin_checks_and_subjects() -> None:
     good = raised(T0)
     assert origin_problem("s1", good) is None
     assert origin_problem("s2", good)[0] == "site_mismatch"  # type: ignore[index]
-    forged = good.model_copy(update={"alarm_id": "s1/other/hot"})
+    forged = RaisedFields(**{**good, "alarm_id": "s1/other/hot"})
     assert origin_problem("s1", forged)[0] == "alarm_id_mismatch"  # type: ignore[index]
     assert origin_problem(None, good)[0] == "bad_subject"  # type: ignore[index]
     assert stream_seq("$JS.ACK.UP_ALARM.alarms.1.42.7.1795334654057014800.2") == 42
@@ -337,10 +352,12 @@ def test_waiting_in_stream_reads_num_pending_of_either_reply_form() -> None:
 
 def test_change_decoder_reads_both_kinds() -> None:
     decode = ChangeDecoder()
-    up = REGISTRY.encode(new_event(raised(T0), source="/sites/s1"))
-    down = REGISTRY.encode(new_event(cleared(T0), source="/sites/s1"))
+    up = REGISTRY.encode(new_event(AlarmRaised(**raised(T0)), source="/sites/s1"))
+    down = REGISTRY.encode(new_event(AlarmCleared(**cleared(T0)), source="/sites/s1"))
     tricky = REGISTRY.encode(
-        new_event(raised(T0, text='"type":"edgebus.alarm.cleared"'), source="/sites/s1")
+        new_event(
+            AlarmRaised(**raised(T0, text='"type":"edgebus.alarm.cleared"')), source="/sites/s1"
+        )
     )
     assert isinstance(decode(up).data, AlarmRaised)
     assert isinstance(decode(down).data, AlarmCleared)
@@ -366,20 +383,111 @@ def test_change_decoder_gives_the_registry_s_reasons_for_what_its_fast_path_refu
 ) -> None:
     """The one tagged validation takes only a current raise or clear; all else goes to the
     registry, which names what is wrong (the reason a dead letter records)."""
-    raw = REGISTRY.encode(new_event(raised(T0), source="/sites/s1"))
+    raw = REGISTRY.encode(new_event(AlarmRaised(**raised(T0)), source="/sites/s1"))
     with pytest.raises(error):
         ChangeDecoder()(mangle(raw))
 
 
 def test_change_decoder_s_fast_path_gives_what_the_registry_gives() -> None:
     decode = ChangeDecoder()
-    for data in (raised(T0), cleared(T0)):
+    for data in (AlarmRaised(**raised(T0)), AlarmCleared(**cleared(T0))):
         raw = REGISTRY.encode(new_event(data, source="/sites/s1", subject="x", correlation_id="c"))
         fast = decode(raw)
         assert isinstance(fast, TaggedRaised | TaggedCleared)  # not the registry's way
         slow = REGISTRY.decoder_for(type(data))(raw)
         assert fast.model_dump() == slow.model_dump()
         assert REGISTRY.encode(fast) == raw
+
+
+@pytest.mark.parametrize(
+    ("fields", "model"), [(RaisedFields, AlarmRaised), (ClearedFields, AlarmCleared)]
+)
+def test_the_hot_path_s_dicts_mirror_the_event_models(fields: type, model: type[BaseModel]) -> None:
+    """Same names, types and constraints; a field with a default is the one key that may be
+    absent. A field added to a model, or a constraint changed, fails here first."""
+    hints = typing_extensions.get_type_hints(fields, include_extras=True)
+    assert hints.keys() == model.model_fields.keys()
+    for name, info in model.model_fields.items():
+        hint = hints[name]
+        optional = typing_extensions.get_origin(hint) is typing_extensions.NotRequired
+        assert optional is not info.is_required(), name
+        if optional:
+            (hint,) = typing.get_args(hint)
+        base, *metadata = typing.get_args(hint) if typing.get_origin(hint) is Annotated else (hint,)
+        assert base == info.annotation, name
+        # The constraint objects have no equality of their own: compared by what they say.
+        assert [repr(m) for meta in metadata for m in meta.metadata] == [
+            repr(m) for m in info.metadata
+        ], name
+    assert fields.__pydantic_config__ == {"extra": model.model_config["extra"]}  # type: ignore[attr-defined]
+
+
+def test_the_hot_path_s_event_literals_are_the_registered_type_and_version() -> None:
+    for event, model, name in (
+        (RaisedEvent, AlarmRaised, RAISED),
+        (ClearedEvent, AlarmCleared, CLEARED),
+    ):
+        hints = typing.get_type_hints(event)
+        assert typing.get_args(hints["type"]) == (model.event_type,) == (name,)
+        assert typing.get_args(hints["dataschema"]) == (model.event_schema_uri,)
+    envelope = {name for name in Event.model_fields if name not in ("type", "dataschema", "data")}
+    assert set(typing.get_type_hints(RaisedEvent)) == envelope | {"type", "dataschema", "data"}
+
+
+def test_change_decoder_s_fields_are_the_model_s_fields() -> None:
+    decode = ChangeDecoder()
+    for data in (
+        AlarmRaised(**raised(T0)),
+        AlarmCleared(**cleared(T0)),
+        AlarmCleared(**{**cleared(T0), "text": ""}),
+    ):
+        event = new_event(data, source="/sites/s1", subject="x", correlation_id="c")
+        raw = REGISTRY.encode(event)
+        fields = decode.fields(raw)
+        assert fields["type"] == data.event_type
+        assert type(data)(**fields["data"]) == data
+        assert fields["time"] == event.time and fields["id"] == event.id
+    # A clear whose text is left out (the model's default) decodes without it.
+    bare = REGISTRY.encode(new_event(AlarmCleared(**cleared(T0)), source="/sites/s1")).replace(
+        b',"text":"ok"', b""
+    )
+    assert "text" not in decode.fields(bare)["data"]
+    assert decode(bare).data.text == ""
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda raw: raw.replace(b'"site":"s1"', b'"site":7'),
+        lambda raw: raw.replace(b'"entity":"pump"', b'"entity":"pu mp"'),  # pattern
+        lambda raw: raw.replace(b'"severity":"major"', b'"severity":"dire"'),
+        lambda raw: raw.replace(b'"raised_at":"', b'"raised_at":"x'),
+        lambda raw: raw.replace(b'"text":"hot"', b'"text":"hot","extra":1'),  # data is closed
+        lambda raw: raw.replace(b'"text":"hot"', b'"text":"' + b"h" * 2001 + b'"'),
+        lambda raw: raw.replace(b'"specversion":"1.0"', b'"specversion":"0.3"'),
+        lambda raw: raw.replace(b'"source":"/sites/s1"', b'"source":""'),
+        lambda raw: raw.replace(b'Z"', b'"', 1),  # a naive event time
+        lambda raw: raw.replace(b',"subject":"x"', b',"subject":""'),
+    ],
+)
+def test_change_decoder_s_fields_refuse_what_the_models_refuse(
+    mangle: Callable[[bytes], bytes],
+) -> None:
+    good = REGISTRY.encode(new_event(AlarmRaised(**raised(T0)), source="/sites/s1", subject="x"))
+    raw = mangle(good)
+    assert raw != good
+    with pytest.raises(EventDecodeError) as by_models:
+        REGISTRY.decoder_for(AlarmRaised)(raw)
+    with pytest.raises(EventDecodeError) as by_fields:
+        ChangeDecoder().fields(raw)
+    assert by_fields.value.reason == by_models.value.reason
+
+
+def test_extension_attributes_pass_on_both_paths() -> None:
+    raw = REGISTRY.encode(new_event(AlarmRaised(**raised(T0)), source="/sites/s1"))
+    raw = raw.replace(b'{"specversion"', b'{"traceparent":"00-ab","specversion"')
+    assert ChangeDecoder().fields(raw)["data"]["site"] == "s1"
+    assert ChangeDecoder()(raw).data.site == "s1"
 
 
 def test_flap_policy_rejects_nonsense() -> None:

@@ -32,11 +32,12 @@ from bus.kvmirror import KvMirror
 from bus.log import get_logger
 from bus.pullfeed import PullFeed
 from bus.streams import ALARMS_KV, alarm_activity_stream, center_alarm_stream, uplink_stream
-from schemas.alarms import AlarmAcknowledged, AlarmRaised, AlarmRecord
+from schemas.alarms import AlarmAcknowledged, AlarmRecord
 from schemas.envelope import utc_now
 from schemas.errors import EventDecodeError
 from services.alarms.config import AlarmsConfig
 from services.alarms.inputs import (
+    RAISED,
     ChangeDecoder,
     origin_problem,
     site_of,
@@ -249,21 +250,25 @@ class AlarmProcessor:
         try:
             if feed.acks:
                 return self._apply_ack(msg, now, now_s)
-            change = self._decode_change(msg.data)
+            change = self._decode_change.fields(msg.data)
         except EventDecodeError as exc:
             return exc.reason, exc.message
-        data = change.data
+        data = change["data"]
         problem = origin_problem(site_of(msg.subject), data)
         if problem is not None:
             return problem
         seq = stream_seq(msg.reply)
-        entry = self.table.get(data.alarm_id)
+        entry = self.table.get(data["alarm_id"])
         was_flapping = entry is not None and entry.flapping
         policy = self._config.flap
-        if isinstance(data, AlarmRaised):
-            after = apply_raised(entry, data, source=feed.stream, seq=seq, now=now, policy=policy)
+        if change["type"] == RAISED:
+            after = apply_raised(
+                entry, change["data"], source=feed.stream, seq=seq, now=now, policy=policy
+            )
         else:
-            after = apply_cleared(entry, data, source=feed.stream, seq=seq, now=now, policy=policy)
+            after = apply_cleared(
+                entry, change["data"], source=feed.stream, seq=seq, now=now, policy=policy
+            )
         if after is None:
             self.stats["unchanged"] += 1
             return None

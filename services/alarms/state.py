@@ -15,14 +15,13 @@ from pydantic import TypeAdapter
 
 from schemas.alarms import (
     AlarmAcknowledged,
-    AlarmCleared,
-    AlarmRaised,
     AlarmRecord,
     AlarmState,
     Severity,
     SiteAlarmSummary,
     SiteHealth,
 )
+from services.alarms.inputs import ClearedFields, RaisedFields
 
 SEVERITY_ORDER = (Severity.CRITICAL, Severity.MAJOR, Severity.MINOR, Severity.WARNING)
 _RANK = {severity: rank for rank, severity in enumerate(SEVERITY_ORDER)}
@@ -140,7 +139,7 @@ def _count_transition(entry: AlarmEntry, at: datetime, policy: FlapPolicy) -> No
 
 def apply_raised(
     entry: AlarmEntry | None,
-    raised: AlarmRaised,
+    raised: RaisedFields,
     *,
     source: str,
     seq: int,
@@ -152,16 +151,16 @@ def apply_raised(
 
     Raising an active alarm again is idempotent: the first raise's time and text stay.
     """
+    at = raised["raised_at"]
     if entry is None:
-        at = raised.raised_at
         return AlarmEntry(
-            alarm_id=raised.alarm_id,
-            site=raised.site,
-            entity=raised.entity,
-            probable_cause=raised.probable_cause,
-            severity=raised.severity,
+            alarm_id=raised["alarm_id"],
+            site=raised["site"],
+            entity=raised["entity"],
+            probable_cause=raised["probable_cause"],
+            severity=raised["severity"],
             state=AlarmState.ACTIVE,
-            text=raised.text,
+            text=raised["text"],
             raised_at=at,
             last_transition_at=at,
             flap_window_start=at,
@@ -172,11 +171,11 @@ def apply_raised(
         )
     if entry.state is AlarmState.ACTIVE or _already_applied(entry, source, seq):
         return None
-    _count_transition(entry, raised.raised_at, policy)
+    _count_transition(entry, at, policy)
     entry.state = AlarmState.ACTIVE
-    entry.severity = raised.severity
-    entry.text = raised.text
-    entry.raised_at = raised.raised_at
+    entry.severity = raised["severity"]
+    entry.text = raised["text"]
+    entry.raised_at = at
     entry.cleared_at = None
     entry.clear_text = ""
     entry.acknowledged_by = None
@@ -189,7 +188,7 @@ def apply_raised(
 
 def apply_cleared(
     entry: AlarmEntry | None,
-    cleared: AlarmCleared,
+    cleared: ClearedFields,
     *,
     source: str,
     seq: int,
@@ -200,10 +199,11 @@ def apply_cleared(
     redelivered)."""
     if entry is None or entry.state is AlarmState.CLEARED or _already_applied(entry, source, seq):
         return None
-    _count_transition(entry, cleared.cleared_at, policy)
+    at = cleared["cleared_at"]
+    _count_transition(entry, at, policy)
     entry.state = AlarmState.CLEARED
-    entry.cleared_at = cleared.cleared_at
-    entry.clear_text = cleared.text
+    entry.cleared_at = at
+    entry.clear_text = cleared.get("text", "")
     entry.source, entry.seq, entry.updated_at = source, seq, now
     return entry
 

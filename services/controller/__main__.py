@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,9 +113,6 @@ async def serve(args: argparse.Namespace, config: ControllerConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     configure_logging(args.log_level)
-    # The liveness table of 100k sites is long-lived: default GC thresholds made full
-    # collections of it take up to 3.2 s each (measured at 100k sites); collect less often.
-    gc.set_threshold(50_000, 20, 100)
     try:
         config = config_from_args(args)
     except ValueError as exc:
