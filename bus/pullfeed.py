@@ -1,9 +1,11 @@
-"""A durable pull consumer kept fed: one pull request outstanding while the buffer has room.
+"""A durable pull consumer kept fed: two pull requests in flight while the buffer has room.
 
 Cheaper than nats-py `fetch` (no task per message) and real time (a batch is whatever has
-arrived, not a full batch or a timeout). The buffer holds at most `max_buffered` (+ one
-batch): a consumer slower than its stream does not pull the stream into memory, where
-deliveries would outlive their ack wait and come back out of order.
+arrived, not a full batch or a timeout). The next request goes out while the server still
+delivers the one before, so deliveries never wait for a request's round trip (the alarm
+storm's leader: 0.85 -> 0.92 of a core busy). Buffered plus still due stays under
+`max_buffered` + one batch: a consumer slower than its stream does not pull the stream into
+memory, where deliveries would outlive their ack wait and come back out of order.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from bus.natsclient import EdgebusNatsClient
 DEFAULT_API_PREFIX = "$JS.API"
 _STATUS = "Status"
 _DESCRIPTION = "Description"
+_PENDING_MESSAGES = "Nats-Pending-Messages"  # of an expired request: what it did not deliver
 _HEARTBEAT = "100"
 _REQUEST_TIMEOUT = "408"
 # 409 descriptions after which pulling again cannot work: the caller must re-declare.
@@ -109,21 +112,27 @@ class PullFeed:
                 raise self._error
         count = min(max_messages, len(self._buffer))
         batch = [self._buffer.popleft() for _ in range(count)]
-        if self._outstanding <= 0 and self._has_room() and time.monotonic() >= self._paused_until:
+        if self._may_request() and time.monotonic() >= self._paused_until:
             await self._request()  # held back while the buffer was full
         return batch
 
     def _has_room(self) -> bool:
-        return len(self._buffer) < self._max_buffered
+        """Room for another request's batch: buffered plus still due under `max_buffered`."""
+        return len(self._buffer) + max(self._outstanding, 0) < self._max_buffered
+
+    def _may_request(self) -> bool:
+        """At most one more request in flight (what is due fits in one batch), and room."""
+        return self._outstanding <= self._batch and self._has_room()
 
     async def _keep_fed(self) -> None:
         """Re-request when the last request ended in an error pause or was lost."""
         now = time.monotonic()
         if self._outstanding > 0:
-            # No 408 came back in time: the request was lost (server restart, reconnect).
+            # No 408 came back in time: the requests were lost (server restart, reconnect).
             if now - self._requested_at < self._expires_s + 1.0:
                 return
-            self._log.debug("pull_request_lost")
+            self._log.debug("pull_request_lost", outstanding=self._outstanding)
+            self._outstanding = 0
         if now >= self._paused_until:
             await self._request()
 
@@ -132,7 +141,7 @@ class PullFeed:
         it on."""
         if self._sub is None:
             return False
-        self._outstanding = self._batch
+        self._outstanding += self._batch
         self._requested_at = time.monotonic()
         return True
 
@@ -149,12 +158,14 @@ class PullFeed:
     async def _on_msg(self, msg: Msg) -> None:
         headers = msg.headers
         if headers and not msg.reply and _STATUS in headers:
-            await self._on_status(headers[_STATUS], headers.get(_DESCRIPTION, ""))
+            await self._on_status(
+                headers[_STATUS], headers.get(_DESCRIPTION, ""), headers.get(_PENDING_MESSAGES)
+            )
             return
         self._buffer.append(msg)
         self._arrived.set()
         self._outstanding -= 1
-        if self._outstanding <= 0 and self._has_room():
+        if self._may_request():
             await self._request()
 
     def _on_delivery(self, msg: Msg) -> None:
@@ -163,19 +174,25 @@ class PullFeed:
         self._buffer.append(msg)
         self._arrived.set()
         self._outstanding -= 1
-        if self._outstanding <= 0 and self._has_room() and self._claim_request():
+        if self._may_request() and self._claim_request():
             task = asyncio.get_running_loop().create_task(self._send_request())
             self._sending.add(task)  # held until done: the loop keeps only weak references
             task.add_done_callback(self._sending.discard)
 
-    async def _on_status(self, status: str, description: str) -> None:
+    async def _on_status(self, status: str, description: str, pending: str | None) -> None:
         if status == _HEARTBEAT:
             return
-        self._outstanding = 0
         if status == _REQUEST_TIMEOUT:
-            if self._has_room():
+            # The oldest request expired: what it left undelivered is no longer due (the
+            # other request in flight still is). Without the count, start the count afresh.
+            if pending is not None and pending.isdigit():
+                self._outstanding = max(self._outstanding - int(pending), 0)
+            else:
+                self._outstanding = 0
+            if self._may_request():
                 await self._request()
             return
+        self._outstanding = 0
         if status == "409" and description.lower().startswith(_FATAL_409):
             self._error = PullFeedError(f"{status} {description}")
         else:
