@@ -3,7 +3,7 @@
 Cheaper than nats-py `fetch` (no task per message) and real time (a batch is whatever has
 arrived, not a full batch or a timeout). The next request goes out while the server still
 delivers the one before, so deliveries never wait for a request's round trip (the alarm
-storm's leader: 0.85 -> 0.92 of a core busy). Buffered plus still due stays under
+storm's leader: 0.85 -> 0.91-0.93 of a core busy). Buffered plus still due stays under
 `max_buffered` + one batch: a consumer slower than its stream does not pull the stream into
 memory, where deliveries would outlive their ack wait and come back out of order.
 """
