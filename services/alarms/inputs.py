@@ -6,16 +6,10 @@ from __future__ import annotations
 
 import functools
 from datetime import datetime
-from typing import (
-    Annotated,
-    Final,
-    Literal,
-    NotRequired,  # pydantic needs these before 3.12
-    cast,
-)
+from typing import Annotated, Final, Literal, NotRequired, cast
 
 from pydantic import AwareDatetime, ConfigDict, Field, TypeAdapter, ValidationError, with_config
-from typing_extensions import TypedDict
+from typing_extensions import TypedDict  # pydantic refuses `typing.TypedDict` before 3.12
 
 from bus import subjects
 from schemas import REGISTRY, Event, EventRegistry
@@ -90,7 +84,7 @@ class ClearedFields(TypedDict):
 
 @with_config(ConfigDict(extra="allow"))  # CloudEvents extension attributes, as `Event`
 class _Envelope(TypedDict):
-    """`Event`'s attributes but `type`, `dataschema` and `data`."""
+    """`Event`'s attributes other than `type`, `dataschema` and `data`."""
 
     specversion: NotRequired[Literal["1.0"]]
     id: Annotated[str, Field(min_length=1, max_length=128)]

@@ -261,7 +261,7 @@ class AlarmProcessor:
         entry = self.table.get(data["alarm_id"])
         was_flapping = entry is not None and entry.flapping
         policy = self._config.flap
-        if change["type"] == RAISED:
+        if change["type"] == RAISED:  # `change["data"]` again: typed by this test
             after = apply_raised(
                 entry, change["data"], source=feed.stream, seq=seq, now=now, policy=policy
             )
