@@ -104,8 +104,9 @@ class PullFeed:
         if self._error is not None:
             raise self._error
         if not self._buffer:
-            await self._keep_fed()
+            # Cleared before anything that may suspend: a delivery meanwhile sets it again.
             self._arrived.clear()
+            await self._keep_fed()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), timeout=timeout_s)
             if self._error is not None:
@@ -171,8 +172,10 @@ class PullFeed:
     def _on_delivery(self, msg: Msg) -> None:
         """`_on_msg` for a delivery handed over directly, as it is parsed: it must not wait, so
         the next pull request is claimed now and sent by a task."""
-        self._buffer.append(msg)
-        self._arrived.set()
+        buffer = self._buffer
+        if not buffer:  # `next_batch` waits only on an empty buffer: only this one can wake it
+            self._arrived.set()
+        buffer.append(msg)
         self._outstanding -= 1
         # `_may_request`'s first test, inline: it fails for all but about one delivery a
         # batch, which spares the calls on every other (this runs per delivery).

@@ -80,11 +80,15 @@ async def test_two_requests_stay_in_flight_and_an_expired_one_is_accounted(
         feed._on_status = spy_status  # type: ignore[method-assign]
         await feed.start()
         seen: list[int] = []
+        loop = asyncio.get_running_loop()
+        reading_since = loop.time()
         while len(seen) < 1000:
             batch = await feed.next_batch(50, timeout_s=5)
             assert batch, f"stalled after {len(seen)}"
             seen += [int(m.data) for m in batch]
         assert seen == list(range(1000))
+        # Deliveries wake a waiting reader at once: no `next_batch` sat out its timeout.
+        assert loop.time() - reading_since < 4.0
         assert max(due_after_claims) > 100  # a second request went out before the first ended
         assert max(due_after_claims) <= 200
         await batch[-1].ack()

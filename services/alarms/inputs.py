@@ -199,9 +199,9 @@ def stream_seq(reply: str) -> int:
     `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>...`, or the longer form with a domain
     and account hash; cheaper than nats-py's `msg.metadata`.
     """
-    tokens = reply.split(".")
-    offset = 5 if len(tokens) == 9 else 7
-    return int(tokens[offset])
+    if reply.count(".") == 8:  # the short form: the sequence is the fourth token from the end
+        return int(reply.rsplit(".", 4)[1])  # (five pieces to allocate, not nine)
+    return int(reply.split(".")[7])
 
 
 def waiting_in_stream(reply: str) -> int:
