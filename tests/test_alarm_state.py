@@ -502,11 +502,23 @@ def test_change_decoder_s_fields_refuse_what_the_models_refuse(
     assert by_fields.value.reason == by_models.value.reason
 
 
-def test_extension_attributes_pass_on_both_paths() -> None:
+def test_extension_attributes_pass_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accepted whatever their value, as `Event` accepts them; the dicts leave them out, by
+    the one validation and by the registry alike."""
+    import services.alarms.inputs as inputs
+
     raw = REGISTRY.encode(new_event(AlarmRaised(**raised(T0)), source="/sites/s1"))
-    raw = raw.replace(b'{"specversion"', b'{"traceparent":"00-ab","specversion"')
-    assert ChangeDecoder().fields(raw)["data"]["site"] == "s1"
+    raw = raw.replace(b'{"specversion"', b'{"traceparent":"00-ab","ext":{"n":[1]},"specversion"')
+    fast = ChangeDecoder().fields(raw)
+    assert fast["data"]["site"] == "s1"
+    assert "traceparent" not in fast and "ext" not in fast
     assert ChangeDecoder()(raw).data.site == "s1"
+
+    def refuse(raw: bytes) -> None:
+        TypeAdapter(int).validate_json(raw)
+
+    monkeypatch.setattr(inputs, "_TAGGED_FIELDS", refuse)
+    assert ChangeDecoder().fields(raw) == fast
 
 
 def test_flap_policy_rejects_nonsense() -> None:

@@ -83,7 +83,10 @@ class ClearedFields(TypedDict):
     cleared_at: datetime
 
 
-@with_config(ConfigDict(extra="allow"))  # CloudEvents extension attributes, as `Event`
+# CloudEvents extension attributes are accepted, unconstrained, as `Event` accepts them, but
+# not kept: the leader reads none, and copying them into each dict cost about 10% of a
+# decode (3.2-3.4 against 3.5-4.3 µs an event offline, the storm's events).
+@with_config(ConfigDict(extra="ignore"))
 class _Envelope(TypedDict):
     """`Event`'s attributes other than `type`, `dataschema` and `data`."""
 
@@ -113,6 +116,7 @@ class ClearedEvent(_Envelope):
 
 
 ChangeFields = RaisedEvent | ClearedEvent
+_EVENT_KEYS = frozenset(RaisedEvent.__annotations__) | frozenset(_Envelope.__annotations__)
 # pydantic-core's validator itself: `TypeAdapter.validate_json` adds a Python call with
 # keyword handling around it (3.3-3.6 against 3.6-3.8 µs an event, offline, the storm's).
 _TAGGED_FIELDS: Callable[[bytes], ChangeFields] = TypeAdapter(
@@ -149,7 +153,8 @@ class ChangeDecoder:
             except ValidationError:
                 pass
         event = self._by_registry(raw)
-        return cast(ChangeFields, event.model_dump(exclude_none=True))
+        fields = event.model_dump(exclude_none=True)
+        return cast(ChangeFields, {k: v for k, v in fields.items() if k in _EVENT_KEYS})
 
     def _by_registry(self, raw: bytes) -> AlarmChange:
         if _CLEARED_HINT in raw:
