@@ -253,7 +253,7 @@ class AlarmProcessor:
         """Apply stored raises and clears (from stream `source`) to the table, in order; those
         to dead-letter, with (reason, detail). One loop over the batch with its look-ups bound
         once: this is the leader's hot path (the alarm storm's)."""
-        decode, table, dirty = self._decode_change.fields, self.table, self._dirty
+        decode, table, changed = self._decode_change.fields, self.table, self._changed
         on_change, policy = self._guard.on_change, self._config.flap
         refused: list[tuple[Msg, tuple[str, str]]] = []
         applied = 0
@@ -268,8 +268,7 @@ class AlarmProcessor:
             if problem is not None:
                 refused.append((msg, problem))
                 continue
-            alarm_id = data["alarm_id"]
-            entry = table.get(alarm_id)
+            entry = table.get(data["alarm_id"])
             was_flapping = entry is not None and entry.flapping
             seq = stream_seq(msg.reply)
             if change["type"] == RAISED:  # `change["data"]` again: typed by this test
@@ -283,13 +282,7 @@ class AlarmProcessor:
             if after is None:
                 continue
             applied += 1
-            # `_changed`, inline: an entry already in the table was changed in place, and
-            # one flapping before this change is in `_flapping` already.
-            if entry is None:
-                table[alarm_id] = after
-            dirty[alarm_id] = None
-            if after.flapping and not was_flapping:
-                self._flapping.add(alarm_id)
+            changed(after)
             notices = on_change(after, was_flapping, now_s, after.last_transition_at)
             if notices:
                 self._notices += notices
