@@ -1,6 +1,7 @@
 """Alarm storm at the center: alarms processed per second against a raw counting consumer.
 
-    python -m bench.alarm_storm [--quick] [--sites N] [--events M] [--rounds R] [--profile F]
+    python -m bench.alarm_storm [--quick] [--sites N] [--events M] [--rounds R] [--partitions P]
+                                [--profile F]
 
 One run, one throwaway hub. N sites raise and clear alarms at a high rate: M alarm changes
 (raise, clear, raise, ... on five alarms per site, plus one site flapping one alarm thousands
@@ -16,6 +17,12 @@ would leave them (CloudEvents, `Nats-Msg-Id` = event id). Then, per round:
   into the `ALARMS` KV bucket; a message is acked only once its state is stored. Timed from
   the consumer's first delivery to its ack floor reaching the last message, read from the
   server (`consumer_info`) every 20 ms; the service's CPU over that window is reported.
+  With `--partitions P` (P > 1), UP_ALARM is partitioned by site before the storm is stored
+  and P replicas run, each its own process leading one partition (the bench prints which
+  each led and how many changes it consumed); timed from the first partition's first
+  delivery until every partition's consumer has acked its last message, CPU summed over the
+  replicas. The server's CPU over each side's window is printed too: on two cores the
+  replicas and the server share the machine.
 
 History is kept by construction (raises and clears stay in `UP_ALARM`; flapping summaries go
 to `ALARM_ACTIVITY`): the script checks after each round that the KV table holds one record
@@ -27,6 +34,7 @@ baseline = raw counted / s; target ratio >= 0.5 (the issue's).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
@@ -53,9 +61,18 @@ from bus import subjects
 from bus.client import MSG_ID_HEADER, Bus
 from bus.config import NatsConfig
 from bus.log import configure_logging
-from bus.streams import ALARMS_KV, ensure_kv, ensure_stream, uplink_stream
+from bus.streams import ALARMS_KV, ensure_kv, uplink_stream
 from schemas import REGISTRY, new_event
-from schemas.alarms import AlarmCleared, AlarmRaised, AlarmRecord, Severity, alarm_id
+from schemas.alarms import (
+    AlarmCleared,
+    AlarmRaised,
+    AlarmRecord,
+    AlarmsStats,
+    AlarmsStatsQuery,
+    Severity,
+    alarm_id,
+)
+from services.alarms.service import ensure_partitioned
 
 BENCH = "alarm_storm"
 TARGET_RATIO = 0.5
@@ -121,10 +138,11 @@ async def load_stream(nc: NatsClient, events: list[tuple[str, bytes, str]]) -> f
     )
 
 
-async def raw_count(nc: NatsClient, total: int) -> tuple[float, float]:
+async def raw_count(nc: NatsClient, total: int, server: psutil.Process) -> dict[str, float]:
     """Seconds for nats-py's fastest plain reader of a stream (an ordered push consumer with a
     callback; measured faster than pull `fetch`) to receive `total` messages, counting only;
-    and the CPU seconds this process spent meanwhile (it does nothing else then)."""
+    the CPU seconds this process spent meanwhile (it does nothing else then), and the
+    server's."""
     js = nc.jetstream()
     done = asyncio.Event()
     counted = 0
@@ -136,71 +154,128 @@ async def raw_count(nc: NatsClient, total: int) -> tuple[float, float]:
             done.set()
 
     started, cpu_started = time.perf_counter(), time.process_time()
+    server_started = process_cpu_seconds(server)
     sub = await js.subscribe(
         "up.*.alarm.>", stream=STREAM, cb=count, ordered_consumer=True, pending_msgs_limit=-1
     )
     try:
         await asyncio.wait_for(done.wait(), 300)
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        server_cpu = process_cpu_seconds(server) - server_started
     finally:
         await sub.unsubscribe()
-    return time.perf_counter() - started, time.process_time() - cpu_started
+    return {"seconds": seconds, "cpu_seconds": cpu, "server_cores": server_cpu / seconds}
 
 
-def start_service(url: str, profile: str | None) -> subprocess.Popen[bytes]:
-    """The alarms service as its own process (under cProfile, writing `profile`, if given)."""
-    profiler = ["-m", "cProfile", "-o", profile] if profile else []
+def start_service(
+    url: str, profile: str | None, partitions: int, index: int
+) -> subprocess.Popen[bytes]:
+    """One alarms-service replica as its own process (under cProfile, writing `profile`, if
+    given: the first replica's)."""
+    profiler = ["-m", "cProfile", "-o", profile] if profile and index == 0 else []
     return subprocess.Popen(
         [sys.executable, *profiler, "-m", "services.alarms", "--nats", url,
-         "--log-level", "warning", "--replica-id", "bench",
+         "--log-level", "warning", "--replica-id", f"bench-{index}",
+         "--partitions", str(partitions),
          # The flapper must still count as flapping when the last round is checked.
          "--flap-quiet-s", "3600"],
     )  # fmt: skip
 
 
-async def service_pass(
-    nc: NatsClient, url: str, total: int, profile: str | None = None
-) -> dict[str, float]:
-    """Run the service on the stored storm: seconds from first delivery to all acked, and the
-    service's CPU seconds over that same window (its start-up is left out of both)."""
-    js = nc.jetstream()
-    proc = start_service(url, profile)
-    service = psutil.Process(proc.pid)
+async def replica_stats(bus: Bus, replicas: int, timeout_s: float = 5.0) -> list[AlarmsStats]:
+    """Every replica's answer to a stats request (each answers for itself)."""
+    inbox, answers = bus.nc.new_inbox(), asyncio.Queue[Msg]()
+    sub = await bus.nc.subscribe(inbox, cb=answers.put)
     try:
-        with ResourceSampler({"alarms": proc.pid}) as usage:
+        request = bus.registry.encode(bus.event(AlarmsStatsQuery()))
+        await bus.nc.publish(subjects.alarms_control("stats"), request, reply=inbox)
+        out: list[AlarmsStats] = []
+        with contextlib.suppress(TimeoutError):
+            while len(out) < replicas:
+                msg = await asyncio.wait_for(answers.get(), timeout_s)
+                out.append(bus.registry.decode_as(msg.data, AlarmsStats).data)
+        return out
+    finally:
+        await sub.unsubscribe()
+
+
+def service_consumers(partitions: int) -> list[str]:
+    """The durable consumers of UP_ALARM the leaders use (`services.alarms.processor`)."""
+    if partitions == 1:
+        return [SERVICE_CONSUMER]
+    return [f"{SERVICE_CONSUMER}-p{k}" for k in range(partitions)]
+
+
+async def service_pass(
+    bus: Bus, url: str, server: psutil.Process, partitions: int, profile: str | None = None
+) -> dict[str, Any]:
+    """Run the service (one replica per partition) on the stored storm: seconds from the first
+    delivery to every message acked, and the replicas' CPU seconds over that same window
+    (their start-up is left out of both) and the server's; which partitions each replica led,
+    and how many changes it consumed."""
+    js = bus.js
+    procs = [start_service(url, profile, partitions, k) for k in range(partitions)]
+    services = [psutil.Process(proc.pid) for proc in procs]
+    consumers = service_consumers(partitions)
+
+    def cpu() -> float:
+        return sum(process_cpu_seconds(service) for service in services)
+
+    try:
+        pids = {f"alarms-{k}": proc.pid for k, proc in enumerate(procs)}
+        with ResourceSampler(pids) as usage:
             first_seen = None
-            cpu_at_first = 0.0
+            cpu_at_first = server_at_first = 0.0
+            started: dict[int, float] = {}  # partition: when its first delivery was seen
             deadline = time.monotonic() + 300
             while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the alarms service exited with {proc.returncode}")
+                for proc in procs:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"an alarms replica exited with {proc.returncode}")
                 if time.monotonic() > deadline:
                     raise RuntimeError("the alarms service did not finish within 300 s")
                 try:
-                    info = await js.consumer_info(STREAM, SERVICE_CONSUMER)
-                except Exception:  # not created yet
+                    infos = [await js.consumer_info(STREAM, name) for name in consumers]
+                except Exception:  # not all created yet
                     await asyncio.sleep(POLL_S)
                     continue
                 now = time.perf_counter()
-                delivered = info.delivered.stream_seq if info.delivered else 0
-                floor = info.ack_floor.stream_seq if info.ack_floor else 0
-                if first_seen is None and delivered:
-                    first_seen, cpu_at_first = now, process_cpu_seconds(service)
-                if floor >= total:
-                    cpu_window = process_cpu_seconds(service) - cpu_at_first
+                delivered = [i.delivered.stream_seq if i.delivered else 0 for i in infos]
+                if first_seen is None and any(delivered):
+                    first_seen, cpu_at_first = now, cpu()
+                    server_at_first = process_cpu_seconds(server)
+                for k, seq in enumerate(delivered):
+                    if seq:
+                        started.setdefault(k, now)
+                if all(delivered) and all(
+                    not i.num_pending and not i.num_ack_pending for i in infos
+                ):
+                    cpu_window = cpu() - cpu_at_first
+                    server_window = process_cpu_seconds(server) - server_at_first
                     break
                 await asyncio.sleep(POLL_S)
         assert first_seen is not None
         seconds = now - first_seen
+        stats = await replica_stats(bus, partitions)
         return {
             "seconds": seconds,
             "cpu_seconds": cpu_window,
             "cpu_cores": cpu_window / seconds,
-            "rss_mb": usage.usage["alarms"].rss_peak_mb,
+            "server_cores": server_window / seconds,
+            # From the first partition's first delivery to the last one's.
+            "start_skew_s": max(started.values()) - min(started.values()),
+            "rss_mb": max(u.rss_peak_mb for u in usage.usage.values()),
+            "led": sorted(
+                (s.replica, s.partitions, s.counters.get("consumed", 0)) for s in stats
+            ),
         }
     finally:
-        proc.terminate()
-        proc.wait(30)
-        await js.delete_consumer(STREAM, SERVICE_CONSUMER)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+        for name in consumers:
+            await js.delete_consumer(STREAM, name)
 
 
 async def check_state(bus: Bus, alarms: int, flaps: int) -> dict[str, Any]:
@@ -232,24 +307,34 @@ async def reset_state(bus: Bus) -> None:
 
 
 async def run(
-    sites: int, events: int, rounds: int, quick: bool, profile: str | None = None
+    sites: int,
+    events: int,
+    rounds: int,
+    quick: bool,
+    partitions: int = 1,
+    profile: str | None = None,
 ) -> BenchResult:
     with nats_server(BENCH) as server:
         bus = await Bus.connect(NatsConfig.from_url(server.url, name="bench-center"))
         try:
-            await ensure_stream(bus.js, uplink_stream("alarm"))
+            await ensure_partitioned(bus.js, partitions)
             plan = storm_plan(sites, events)
             alarms = len({(site, entity) for site, entity, _ in plan})
             flaps = sum(1 for site, _, _ in plan if site == FLAPPER)
             batch = storm_events(plan)
             load_s = await load_stream(bus.nc, batch)
             print(f"stored {events:,} alarm changes from {sites + 1:,} sites in {load_s:.1f} s")
-            raw_rates, raw_cpu, ours, checks = [], [], [], []
+            assert server.pid is not None
+            server_process = psutil.Process(server.pid)
+            raw_rates, raw_cpu, raw_server, ours, checks = [], [], [], [], []
             for _ in range(rounds):
-                raw_s, raw_cpu_s = await raw_count(bus.nc, events)
-                raw_rates.append(rate(events, raw_s))
-                raw_cpu.append(raw_cpu_s)
-                passed = await service_pass(bus.nc, server.url, events, profile)
+                raw = await raw_count(bus.nc, events, server_process)
+                raw_rates.append(rate(events, raw["seconds"]))
+                raw_cpu.append(raw["cpu_seconds"])
+                raw_server.append(raw["server_cores"])
+                passed = await service_pass(
+                    bus, server.url, server_process, partitions, profile
+                )
                 ours.append({**passed, "rate": rate(events, passed["seconds"])})
                 checks.append(await check_state(bus, alarms, flaps))
                 await reset_state(bus)
@@ -258,14 +343,22 @@ async def run(
     rows = [
         [n + 1, raw_rates[n], ours[n]["rate"], ours[n]["rate"] / raw_rates[n],
          raw_cpu[n] / events * 1e6, ours[n]["cpu_seconds"] / events * 1e6,
-         ours[n]["cpu_cores"], checks[n]["records"], checks[n]["kv_writes"],
+         ours[n]["cpu_cores"], raw_server[n], ours[n]["server_cores"],
+         checks[n]["records"], checks[n]["kv_writes"],
          checks[n]["flapper_caught"]]
         for n in range(rounds)
     ]  # fmt: skip
     print(format_table(
         ["round", "raw msg/s", "alarms/s", "ratio", "raw CPU µs/msg", "service CPU µs/change",
-         "service cores", "records", "KV writes", "flap caught"], rows
+         "service cores", "server cores (raw)", "server cores (ours)", "records", "KV writes",
+         "flap caught"], rows
     ))  # fmt: skip
+    for n, passed in enumerate(ours):
+        print(
+            f"round {n + 1}: (replica, partitions led, changes consumed):",
+            passed["led"],
+            f"partitions started within {passed['start_skew_s']:.2f} s",
+        )
     bad = [
         c
         for c in checks
@@ -286,6 +379,7 @@ async def run(
             "sites": sites + 1,
             "events": events,
             "rounds": rounds,
+            "partitions": partitions,
             # Each round's own pair (the VM's speed drifts between rounds); `ratio` above is
             # the median rate over the median baseline, as in every bench here.
             "round_ratios": [round(o["rate"] / r, 4) for o, r in zip(ours, raw_rates, strict=True)],
@@ -294,6 +388,10 @@ async def run(
             ),
             "quick": quick,
             "service_cpu_cores": median(o["cpu_cores"] for o in ours),
+            # nats-server's CPU over each side's window: on a small machine the service's
+            # replicas and the server share the cores.
+            "server_cores_raw": median(raw_server),
+            "server_cores_service": median(o["server_cores"] for o in ours),
             # CPU per message on each side: what the ratio is made of. The counting reader's
             # share moves most between machines (its work is nats-py's own Python).
             "raw_cpu_us_per_msg": median(c / events * 1e6 for c in raw_cpu),
@@ -312,6 +410,12 @@ def main() -> None:
         parser.add_argument("--events", type=int, default=None)
         parser.add_argument("--rounds", type=int, default=None)
         parser.add_argument(
+            "--partitions",
+            type=int,
+            default=1,
+            help="alarm partitions: one service replica (process) leading each",
+        )
+        parser.add_argument(
             "--profile", default=None, help="cProfile the service into this file (last round)"
         )
 
@@ -320,7 +424,7 @@ def main() -> None:
     sites = args.sites or (200 if args.quick else 2000)
     events = args.events or (20_000 if args.quick else 200_000)
     rounds = args.rounds or (1 if args.quick else 3)
-    asyncio.run(run(sites, events, rounds, args.quick, args.profile)).emit()
+    asyncio.run(run(sites, events, rounds, args.quick, args.partitions, args.profile)).emit()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""`KvMirror`: an in-memory copy of a JetStream KV bucket, kept current by a watcher.
+"""`KvMirror`: an in-memory copy of a JetStream KV bucket, kept current by its own pull consumer.
 
-Values are parsed once on arrival; `barrier` waits for every write made so far, and a watchdog
-re-synchronises a copy whose watcher stalled.
-The bucket's single writer may pause the watcher and `remember` its own writes instead (as
+Values are parsed once, on arrival or (with no `on_change`) when the copy is next read; `barrier`
+waits for every write made so far, and a watchdog re-synchronises a copy whose follower stalled.
+The bucket's single writer may pause the follower and `remember` its own writes instead (as
 values, or as the bytes it wrote, parsed only when the copy is next read).
 """
 
@@ -11,30 +11,61 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import Callable, ItemsView, ValuesView
-from typing import Generic, TypeVar
+from typing import Generic, TypeAlias, TypeVar
 
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from bus.log import get_logger
+from bus.pullfeed import PullFeed, PullFeedError, seq_and_waiting, stream_seq
 
 T = TypeVar("T")
-# Markers of a deleted key as nats-py reports them (`KV-Operation` header).
+# Markers of a deleted key: the `KV-Operation` header of a delete or purge, or the reason a
+# server (2.11+) gives a marker it placed itself (TTL, max age); other reasons are skipped,
+# as nats-py's watcher does.
+_KV_OPERATION = "KV-Operation"
 _DELETE_OPS = ("DEL", "PURGE")
+_MARKER_REASON = "Nats-Marker-Reason"
+_DELETE_REASONS = ("MaxAge", "Purge", "Remove")
 
-# How long `start` waits, once the watcher says it loaded, for the entries it loaded.
+# How long `start` waits, once the follower says it loaded, for the entries it loaded.
 LOAD_GRACE_S = 5.0
+# After this long without a delivery the follower asks whether its consumer still exists (a
+# restarted server forgets it: pull requests then get "no responders" for good).
+IDLE_CHECK_S = 5.0
+# Deliveries asked for per pull request, and taken between two yields to the event loop.
+_BATCH = 1000
+# The server drops the consumer of a process gone this long (its pull requests stopped).
+_INACTIVE_S = 60.0
+_DELETE_TIMEOUT_S = 2.0
+# Unparsed followed values kept per key (see `_Unparsed`): past it, the older are parsed.
+_MAX_UNPARSED = 8
+_RETRY_MAX_S = 30.0
 
 Parse = Callable[[str, bytes], T | None]
 OnChange = Callable[[str, T | None, T | None], None]
+# A followed value not parsed yet: (bytes, revision, what holds if `parse` rejects it, depth).
+# What holds is the value before it: another unparsed one, or the revision of the key as it
+# was (its value in `_values` or an own write in `_encoded`). Parsed eagerly, a rejected value
+# is skipped and the one before stays; kept lazily, so is it: the newest one `parse` accepts.
+_Unparsed: TypeAlias = "tuple[bytes, int, _Unparsed | int, int]"
+
+
+class _ConsumerGone(Exception):
+    """The follower's consumer no longer exists (the server restarted, or it was removed)."""
 
 
 class KvMirror(Generic[T]):
     """Every key of one bucket, parsed by `parse(key, value)` (None: skip and log).
 
-    `on_change(key, before, after)` runs for every change the watcher delivers after the
-    initial load (after None: deleted), in revision order.
+    `on_change(key, before, after)` runs for every change the follower delivers after the
+    initial load (after None: deleted), in revision order. Without it, followed values are
+    kept as bytes and parsed when the copy is next read.
     """
 
     def __init__(
@@ -48,17 +79,21 @@ class KvMirror(Generic[T]):
         self._js = js
         self._kv = kv
         self._stream = f"KV_{bucket}"
+        self._filter = f"$KV.{bucket}.>"
+        self._key_at = len(self._filter) - 1  # where the key starts in an entry's subject
         self._parse = parse
         self._on_change = on_change
         self._values: dict[str, T] = {}
         self._encoded: dict[str, bytes] = {}  # our own writes, parsed when next read
+        self._unparsed: dict[str, _Unparsed] = {}  # followed writes, parsed when next read
         self._revisions: dict[str, int] = {}
-        self._applied = 0  # highest revision the watcher delivered (not our own writes)
+        self._applied = 0  # highest revision the follower delivered (not our own writes)
         self._progress = asyncio.Event()
         self._short_of: int | None = None  # a newest revision `start` found undeliverable
         self._checked_at = -1
         self._loading = False
-        self._watcher: KeyValue.KeyWatcher | None = None
+        self._consumer: str | None = None
+        self._feed: PullFeed | None = None
         self._follow: asyncio.Task[None] | None = None
         self._resyncing = asyncio.Lock()
         self._paused = False
@@ -81,6 +116,8 @@ class KvMirror(Generic[T]):
 
     def revision(self, key: str) -> int:
         """The key's last revision seen (a deleted key keeps its delete marker's)."""
+        if key in self._unparsed:  # the revision of the newest value `parse` accepts
+            self._settle(key, self._unparsed.pop(key))
         return self._revisions.get(key, 0)
 
     @property
@@ -93,7 +130,7 @@ class KvMirror(Generic[T]):
         return len(self._values)
 
     def remember(self, key: str, value: T | None, revision: int) -> None:
-        """Take a write we made ourselves now, without waiting for the watcher to echo it."""
+        """Take a write we made ourselves now, without waiting for the follower to echo it."""
         self._store(key, value, revision, notify=True)
 
     def remember_encoded(self, key: str, data: bytes, revision: int) -> None:
@@ -105,41 +142,62 @@ class KvMirror(Generic[T]):
             if value is not None:
                 self._store(key, value, revision, notify=True)
             return
+        if key in self._unparsed:
+            # What stays if these bytes are rejected: the newest followed value accepted.
+            self._settle(key, self._unparsed.pop(key))
         if revision <= self._revisions.get(key, 0):
             return
         self._revisions[key] = revision
         self._encoded[key] = data
 
     def _parse_encoded(self) -> None:
+        if self._unparsed:  # first: an accepted one replaces an own write older than it
+            unparsed, self._unparsed = self._unparsed, {}
+            for key, entry in unparsed.items():
+                self._settle(key, entry)
         if not self._encoded:
             return
         encoded, self._encoded = self._encoded, {}
         for key, data in encoded.items():
             value = self._parse(key, data)
-            if value is None:  # not ours to keep (logged by `parse`): as the watcher would
+            if value is None:  # not ours to keep (logged by `parse`): as the follower would
                 continue
             self._values[key] = value
 
-    # -- the watcher ------------------------------------------------------------------
+    def _settle(self, key: str, entry: _Unparsed | int) -> None:
+        """Parse a key's followed values newest first, up to the first `parse` accepts: what
+        parsing each on arrival would have left (a rejected one leaves the one before)."""
+        while not isinstance(entry, int):
+            data, revision, entry, _ = entry
+            value = self._parse(key, data)
+            if value is not None:
+                self._values[key] = value
+                self._revisions[key] = revision
+                self._encoded.pop(key, None)  # older than this
+                return
+        if entry:
+            self._revisions[key] = entry
+        else:
+            self._revisions.pop(key, None)
+
+    # -- the follower -----------------------------------------------------------------
 
     async def start(self, timeout: float = 60.0) -> None:
         """Load the whole bucket, then keep following it. Returns once the copy holds every
-        write made before the call (or, for a newest revision no watcher can deliver, after
+        write made before the call (or, for a newest revision no consumer can deliver, after
         waiting `LOAD_GRACE_S` for it)."""
         loaded = asyncio.Event()
         self._loading = True
         target = await self._last_revision()
-        self._watcher = await self._kv.watchall()
-        self._follow = asyncio.create_task(self._follow_updates(self._watcher, loaded))
+        feed = await self._subscribe(loaded)
+        self._follow = asyncio.create_task(self._follow_updates(feed, loaded))
         await asyncio.wait_for(self._loaded_up_to(target, loaded), timeout)
         self._loading = False
 
     async def _loaded_up_to(self, target: int, loaded: asyncio.Event) -> None:
-        # nats-py's watcher can say "loaded" before it hands over the entries it loaded:
-        # when the server sent them all before its consumer-info reply came back, it sees
-        # nothing pending and nothing taken yet. So also wait for the revision, briefly:
-        # those entries are already here, and a newest revision no watcher can deliver (its
-        # message purged away, as `KeyValue.purge_deletes` does) must not stop the start.
+        # A consumer's load can end without the newest revision: a newest message purged away
+        # (as `KeyValue.purge_deletes` does) is counted by the stream, but no consumer can
+        # deliver it, and it must not stop the start. So wait for the revision only briefly.
         await loaded.wait()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._reach(target), LOAD_GRACE_S)
@@ -152,16 +210,51 @@ class KvMirror(Generic[T]):
             self._progress.clear()
             await self._progress.wait()
 
+    async def _subscribe(self, loaded: asyncio.Event) -> PullFeed:
+        """A consumer of our own (the latest of each key, then every write) and its feed;
+        `loaded` is set at once if it has nothing to load."""
+        # Unique per start: a resync or a restarted process never meets an old one (left to
+        # the server's inactivity threshold if our `stop` could not delete it).
+        name = f"kvmirror-{uuid.uuid4().hex}"
+        self._consumer = name  # before it exists: a `stop` meanwhile still deletes it
+        info = await self._js.add_consumer(
+            self._stream,
+            config=ConsumerConfig(
+                name=name,
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                ack_policy=AckPolicy.NONE,
+                filter_subject=self._filter,
+                inactive_threshold=_INACTIVE_S,
+                mem_storage=True,
+                num_replicas=1,
+            ),
+        )
+        # Counted before anything was delivered (nothing is, before the first pull request).
+        if not info.num_pending:
+            loaded.set()
+        feed = PullFeed(self._js._nc, self._stream, name, batch=_BATCH, api_prefix=self._js._prefix)
+        self._feed = feed
+        await feed.start()
+        return feed
+
+    async def _unsubscribe(self) -> None:
+        feed, self._feed = self._feed, None
+        if feed is not None:
+            await feed.stop(nak_buffered=False)  # nothing to nak: no acks
+        name, self._consumer = self._consumer, None
+        if name is not None and self._js._nc.is_connected:
+            with contextlib.suppress(Exception):  # already gone (with its server, say)
+                await asyncio.wait_for(
+                    self._js.delete_consumer(self._stream, name), _DELETE_TIMEOUT_S
+                )
+
     async def stop(self) -> None:
         if self._follow is not None:
             self._follow.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follow
             self._follow = None
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):  # already gone with its connection
-                await self._watcher.stop()  # type: ignore[no-untyped-call]
-            self._watcher = None
+        await self._unsubscribe()
 
     @property
     def paused(self) -> bool:
@@ -170,7 +263,7 @@ class KvMirror(Generic[T]):
     async def pause(self) -> None:
         """Stop following the bucket; the values stay. For the bucket's one writer (a lease
         holder), whose `remember` keeps this copy current: each of its writes would otherwise
-        come back as a watched update to receive and skip."""
+        come back as a followed update to receive and skip."""
         self._paused = True
         await self.stop()
 
@@ -181,7 +274,7 @@ class KvMirror(Generic[T]):
             await self.start()
 
     async def resync(self) -> None:
-        """Restart the watcher (its consumer may be gone): reloads the latest of each key."""
+        """Restart the follower (its consumer may be gone): reloads the latest of each key."""
         if self._resyncing.locked() or self._paused:
             return
         async with self._resyncing:
@@ -213,13 +306,13 @@ class KvMirror(Generic[T]):
 
     async def _last_revision(self) -> int:
         """The newest revision in the bucket (0 if it holds none: a purged stream keeps its
-        last sequence, but no watcher can deliver it)."""
+        last sequence, but no consumer can deliver it)."""
         state = (await self._js.stream_info(self._stream)).state
         return int(state.last_seq) if state.messages else 0
 
     async def check(self) -> None:
         """Call periodically: a copy behind the bucket that has not moved since the last
-        check lost its watcher (e.g. the server restarted), so it re-synchronises."""
+        check lost its follower (e.g. the server restarted), so it re-synchronises."""
         if self._paused:
             return
         behind = self._behind(await self._last_revision())
@@ -228,34 +321,173 @@ class KvMirror(Generic[T]):
             await self.resync()
         self._checked_at = self._applied
 
-    async def _follow_updates(self, watcher: KeyValue.KeyWatcher, loaded: asyncio.Event) -> None:
-        count = 0
-        async for entry in watcher:
-            if entry is None:  # end of the initial load
-                loaded.set()
+    async def _follow_updates(self, feed: PullFeed, loaded: asyncio.Event) -> None:
+        """Take deliveries until stopped. A lost consumer, or any failure, ends in a new one
+        that reloads the latest of each key (as `resync` does): this task never just ends."""
+        retry_s, failed_at = 0.0, -_RETRY_MAX_S
+        while True:
+            try:
+                await self._take_deliveries(feed, loaded)
+                self._log.info("kv_mirror_connection_closed")  # for good: nothing to follow
+                return
+            except (PullFeedError, _ConsumerGone) as exc:
+                self._log.warning("kv_mirror_consumer_lost", error=str(exc) or repr(exc))
+            except Exception as exc:  # e.g. `parse` or `on_change` raised: logged, not lost
+                self._log.exception("kv_mirror_follow_failed", error=repr(exc))
+            # Failing again soon after (the same bad entry, a server still coming back):
+            # wait longer each time rather than reload the bucket in a loop.
+            now = time.monotonic()
+            retry_s = min(max(2 * retry_s, 0.5), _RETRY_MAX_S) if now - failed_at < 10 else 0.0
+            failed_at = now
+            self.resyncs += 1
+            await self._unsubscribe()
+            if loaded.is_set():
+                loaded = asyncio.Event()  # as after `resync`: a reload's changes are not told
+            while True:
+                await asyncio.sleep(retry_s)
+                if self._js._nc.is_closed:
+                    self._log.info("kv_mirror_connection_closed")
+                    return
+                try:
+                    feed = await self._subscribe(loaded)
+                    break
+                except Exception as exc:  # disconnected: retried until stopped
+                    self._log.warning("kv_mirror_resubscribe_failed", error=repr(exc))
+                    await self._unsubscribe()
+                    retry_s = min(max(2 * retry_s, 0.5), _RETRY_MAX_S)
+
+    async def _take_deliveries(self, feed: PullFeed, loaded: asyncio.Event) -> None:
+        """Returns only once the connection is closed."""
+        taken = 0
+        heard_at = time.monotonic()
+        while True:
+            msgs = await feed.next_batch(_BATCH, IDLE_CHECK_S)
+            if not msgs:
+                if self._js._nc.is_closed:
+                    return
+                if time.monotonic() - heard_at >= IDLE_CHECK_S:
+                    await self._still_there(feed, loaded)
+                    heard_at = time.monotonic()
                 continue
-            revision = entry.revision or 0
-            if revision <= self._revisions.get(entry.key, 0):
-                pass  # our own write, taken by `remember` already: no need to parse it again
-            elif entry.operation in _DELETE_OPS:
-                self._store(entry.key, None, revision, notify=loaded.is_set())
+            heard_at = time.monotonic()
+            if not loaded.is_set():
+                self._take_loading(msgs, loaded)
+            elif self._on_change is None:
+                self._take_unparsed(msgs)
             else:
-                value = self._parse(entry.key, entry.value or b"")
-                if value is not None:
-                    self._store(entry.key, value, revision, notify=loaded.is_set())
-            self._applied = max(self._applied, revision)
+                self._take_parsed(msgs)
             self._progress.set()
-            if entry.delta == 0:
-                loaded.set()
-            count += 1
-            if count % 1000 == 0:
+            taken += len(msgs)
+            if taken >= _BATCH:
+                taken = 0
                 await asyncio.sleep(0)  # a 100k-key load must not starve the loop
+
+    async def _still_there(self, feed: PullFeed, loaded: asyncio.Event) -> None:
+        """After a quiet while: the consumer must still exist (a server restart loses it),
+        and if it has nothing left to load, the load is over (its last entries were removed
+        before they could be delivered)."""
+        if self._consumer is None:
+            return
+        try:
+            info = await self._js.consumer_info(self._stream, self._consumer)
+        except NotFoundError as exc:
+            raise _ConsumerGone(str(exc)) from exc
+        except Exception as exc:  # disconnected, or slow: asked again after the next while
+            self._log.info("kv_mirror_consumer_unknown", error=repr(exc))
+            return
+        if not loaded.is_set() and not info.num_pending and not feed.buffered:
+            loaded.set()
+
+    def _take_loading(self, msgs: list[Msg], loaded: asyncio.Event) -> None:
+        """Deliveries of the initial load, one by one: the one nothing follows ends it."""
+        revision = 0
+        for msg in msgs:
+            revision, waiting = seq_and_waiting(msg.reply)
+            self._take(msg, revision, notify=loaded.is_set())
+            if waiting == 0:
+                loaded.set()
+        self._applied = max(self._applied, revision)
+
+    def _take_parsed(self, msgs: list[Msg]) -> None:
+        revision = 0
+        for msg in msgs:
+            revision = stream_seq(msg.reply)
+            self._take(msg, revision, notify=True)
+        self._applied = max(self._applied, revision)
+
+    def _take(self, msg: Msg, revision: int, *, notify: bool) -> None:
+        key = msg.subject[self._key_at :]
+        if revision <= self._revisions.get(key, 0):
+            return  # our own write, taken by `remember` already: no need to parse it again
+        data = msg.data
+        if not data:
+            deleted = _deleted(msg)
+            if deleted:
+                self._store(key, None, revision, notify=notify)
+                return
+            if deleted is None:
+                return  # a marker of unknown meaning
+        if self._on_change is None:
+            self._keep_unparsed(key, data, revision)
+            return
+        value = self._parse(key, data)
+        if value is not None:
+            self._store(key, value, revision, notify=notify)
+
+    def _take_unparsed(self, msgs: list[Msg]) -> None:
+        """`_take` for the deliveries after the load, with no `on_change`: the hot path of a
+        copy following a busy bucket, inlined (bytes kept, nothing parsed)."""
+        revisions, unparsed, key_at = self._revisions, self._unparsed, self._key_at
+        revision = 0
+        for msg in msgs:
+            reply = msg.reply
+            revision = (  # `bus.pullfeed.stream_seq`, inline
+                int(reply.rsplit(".", 4)[1]) if reply.count(".") == 8 else int(reply.split(".")[7])
+            )
+            key = msg.subject[key_at:]
+            known = revisions.get(key, 0)
+            if revision <= known:
+                continue  # our own write, remembered already
+            data = msg.data
+            if not data:
+                self._take(msg, revision, notify=False)  # a delete, likely: headers read
+                continue
+            before = unparsed.get(key)
+            if before is None:
+                unparsed[key] = (data, revision, known, 1)
+            elif before[3] < _MAX_UNPARSED:
+                unparsed[key] = (data, revision, before, before[3] + 1)
+            else:
+                self._keep_unparsed(key, data, revision)
+                continue
+            revisions[key] = revision
+        self._applied = max(self._applied, revision)
+
+    def _keep_unparsed(self, key: str, data: bytes, revision: int) -> None:
+        before = self._unparsed.pop(key, None)
+        if before is not None and before[3] >= _MAX_UNPARSED:
+            # A key rewritten again and again, never read: parse the older ones now (usually
+            # just the newest of them), rather than keep every one of them.
+            self._settle(key, before)
+            before = None
+        if before is None:
+            self._unparsed[key] = (data, revision, self._revisions.get(key, 0), 1)
+        else:
+            self._unparsed[key] = (data, revision, before, before[3] + 1)
+        self._revisions[key] = revision
 
     def _store(self, key: str, value: T | None, revision: int, *, notify: bool) -> None:
         if revision <= self._revisions.get(key, 0):
-            return
+            if key not in self._unparsed:
+                return
+            # Followed values not parsed yet may all be rejected: compare with the revision
+            # of the value they would leave.
+            self._settle(key, self._unparsed.pop(key))
+            if revision <= self._revisions.get(key, 0):
+                return
         self._revisions[key] = revision
         self._encoded.pop(key, None)  # older than this
+        self._unparsed.pop(key, None)
         before = self._values.get(key)
         if value is None:
             self._values.pop(key, None)
@@ -263,3 +495,19 @@ class KvMirror(Generic[T]):
             self._values[key] = value
         if notify and self._on_change is not None:
             self._on_change(key, before, value)
+
+
+def _deleted(msg: Msg) -> bool | None:
+    """For an entry without data: True if it marks its key deleted, False if it is a value
+    (empty), None if it is a marker of unknown meaning. Only such an entry's headers are read
+    (`DeliveredMsg` parses them then)."""
+    headers = msg.headers
+    if not headers:
+        return False
+    operation = headers.get(_KV_OPERATION)
+    if operation is not None:
+        return operation in _DELETE_OPS
+    reason = headers.get(_MARKER_REASON)
+    if reason is None:
+        return False
+    return True if reason in _DELETE_REASONS else None

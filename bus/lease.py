@@ -30,16 +30,18 @@ class LeaderLease:
         replica_id: str,
         ttl_s: float,
         *,
+        key: str = LEASE_KEY,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._kv = kv
+        self.key = key
         self.replica_id = replica_id
         self.ttl_s = ttl_s
         self._clock = clock
         self._revision: int | None = None
         self._valid_until = 0.0
         self.terms = 0  # how many times this replica became leader
-        self._log = get_logger("bus.lease", replica=replica_id)
+        self._log = get_logger("bus.lease", replica=replica_id, lease=key)
 
     @property
     def is_leader(self) -> bool:
@@ -51,7 +53,7 @@ class LeaderLease:
         value = self.replica_id.encode()
         try:
             if self._revision is not None and sent_at < self._valid_until:
-                self._revision = await self._kv.update(LEASE_KEY, value, last=self._revision)
+                self._revision = await self._kv.update(self.key, value, last=self._revision)
             else:
                 # Ours expired (or never held): only a fresh create may take it, so a
                 # replica that lost it never steals it back from its successor.
@@ -59,7 +61,7 @@ class LeaderLease:
                 self._revision = None
                 if was_leader:
                     self._log.warning("leadership_lapsed")
-                self._revision = await self._kv.create(LEASE_KEY, value)
+                self._revision = await self._kv.create(self.key, value)
                 self.terms += 1
                 self._log.info("leadership_acquired", term=self.terms)
             self._valid_until = sent_at + self.ttl_s * VALIDITY_SHARE
@@ -77,5 +79,5 @@ class LeaderLease:
             return
         revision, self._revision = self._revision, None
         with contextlib.suppress(Exception):  # if it fails, the TTL does the job
-            await self._kv.delete(LEASE_KEY, last=revision)
+            await self._kv.delete(self.key, last=revision)
             self._log.info("leadership_released")

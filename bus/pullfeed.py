@@ -205,3 +205,35 @@ class PullFeed:
             self._log.info("pull_status", status=status, description=description)
             self._paused_until = time.monotonic() + self._retry_pause_s
         self._arrived.set()  # wake next_batch so it re-requests or raises
+
+
+# -- a delivery's position, from its reply (ack) subject ---------------------------------------
+# `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<time>.<pending>` (9 tokens), or with
+# domain and account hash first and possibly a random token last (11 or more). Cheaper than
+# nats-py's `msg.metadata`, which builds a dataclass for it.
+
+
+def stream_seq(reply: str) -> int:
+    """The stream sequence of a JetStream delivery, from its reply subject."""
+    if reply.count(".") == 8:  # the short form: the sequence is the fourth token from the end
+        return int(reply.rsplit(".", 4)[1])  # (five pieces to allocate, not nine)
+    return int(reply.split(".")[7])
+
+
+def waiting_in_stream(reply: str) -> int:
+    """How many messages the consumer has still to deliver after this one (`num_pending`);
+    0 if the reply is not a JetStream delivery's."""
+    return seq_and_waiting(reply)[1]
+
+
+def seq_and_waiting(reply: str) -> tuple[int, int]:
+    """`stream_seq` and `waiting_in_stream` with one split; (0, 0) for a reply that is not a
+    JetStream delivery's."""
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        seq, pending = tokens[5], tokens[8]
+    elif len(tokens) >= 11:
+        seq, pending = tokens[7], tokens[10]
+    else:
+        return 0, 0
+    return int(seq), int(pending) if pending.isdigit() else 0

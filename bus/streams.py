@@ -15,6 +15,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
     StreamInfo,
+    SubjectTransform,
 )
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
@@ -41,6 +42,8 @@ class StreamSpec:
     # JetStream fast-ingest batches (nats-server 2.14+): the forwarder's cheap path.
     allow_batched: bool = False
     description: str = ""
+    # (source, destination) applied to each subject as it is stored (`bus.partitions`).
+    subject_transform: tuple[str, str] | None = None
 
     def to_config(self) -> StreamConfig:
         # JetStream refuses a dedup window longer than the stream's max age.
@@ -60,6 +63,11 @@ class StreamSpec:
             discard=DiscardPolicy.NEW if self.discard_new else DiscardPolicy.OLD,
             duplicate_window=window,
             allow_batched=True if self.allow_batched else None,
+            subject_transform=(
+                SubjectTransform(src=self.subject_transform[0], dest=self.subject_transform[1])
+                if self.subject_transform
+                else None
+            ),
         )
 
 
@@ -83,13 +91,25 @@ def dead_letter_stream(scope: str) -> StreamSpec:
 
 
 async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> StreamInfo:
-    """Create the stream, or bring an existing one to this spec."""
+    """Create the stream, or bring an existing one to this spec. A spec without a subject
+    transform keeps the stream's: the stream's reader sets it (the alarms service partitions
+    UP_ALARM), and the other services that declare the stream must not undo that."""
     config = spec.to_config()
     try:
-        await js.stream_info(spec.name)
+        info = await js.stream_info(spec.name)
     except NotFoundError:
         return await js.add_stream(config=config)
+    if config.subject_transform is None:
+        config.subject_transform = info.config.subject_transform
     return await js.update_stream(config=config)
+
+
+def stream_transform(info: StreamInfo) -> tuple[str, str] | None:
+    """A stream's subject transform as (source, destination), None if it has none."""
+    transform = info.config.subject_transform
+    if transform is None or not transform.src:
+        return None
+    return transform.src, transform.dest
 
 
 async def ensure_kv(js: JetStreamContext, spec: KvSpec) -> KeyValue:

@@ -283,6 +283,9 @@ class AlarmsStats(EventData):
     records: int = Field(ge=0, description="alarm records this replica sees")
     counters: dict[str, int] = Field(default_factory=dict)
     at: datetime
+    partitions: list[int] = Field(
+        default_factory=list, description="the alarm partitions this replica leads"
+    )
 
 
 # -- edge rules (config kind "alarm_rules", applied by edge_agent/alarms) -----------------

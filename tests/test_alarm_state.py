@@ -14,6 +14,7 @@ import pytest
 import typing_extensions
 from pydantic import BaseModel, TypeAdapter
 
+from bus.pullfeed import stream_seq, waiting_in_stream
 from schemas import REGISTRY, Event, new_event
 from schemas.alarms import (
     AlarmAcknowledged,
@@ -47,8 +48,6 @@ from services.alarms.inputs import (
     TaggedRaised,
     origin_problem,
     site_of,
-    stream_seq,
-    waiting_in_stream,
 )
 from services.alarms.state import (
     AlarmEntry,

@@ -4,8 +4,11 @@ and takes its writer's own writes through `remember`; resumed, it catches up on 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy
 
 from bus import kvmirror
 from bus.client import open_connection
@@ -171,6 +174,254 @@ async def test_start_does_not_wait_for_a_newest_message_purged_away(
         assert await mirror.barrier(0.5)
         await kv.put("c", b"3")  # a newer write is waited for again
         assert await mirror.barrier(5.0) and mirror.get("c") == "3"
+        await mirror.stop()
+    finally:
+        await nc.close()
+
+
+# -- the follower: its own pull consumer ------------------------------------------------------
+
+
+async def _consumers(js: JetStreamContext, bucket: str) -> list[str]:
+    return sorted(info.name for info in await js.consumers_info(f"KV_{bucket}"))
+
+
+async def _eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+@pytest.mark.parametrize("told", [False, True], ids=["lazy", "on_change"])
+async def test_deletes_and_purges_are_followed_and_an_empty_value_is_a_value(
+    hub: NatsServerProcess, told: bool
+) -> None:
+    nc = await open_connection(NatsConfig.from_url(hub.url, name="kvmirror-deletes"))
+    other = await open_connection(NatsConfig.from_url(hub.url, name="kvmirror-deleter"))
+    changes: list[tuple[str, str | None, str | None]] = []
+    try:
+        js = nc.jetstream()
+        kv = await ensure_kv(js, KvSpec(bucket="DELETETEST"))
+        writer = await other.jetstream().key_value("DELETETEST")
+        for key in ("a", "b", "c", "gone"):
+            await writer.put(key, key.encode())
+        await writer.delete("gone")  # a delete marker in the initial load
+        on_change = (lambda k, before, after: changes.append((k, before, after))) if told else None
+        mirror: KvMirror[str] = KvMirror(js, kv, "DELETETEST", _text, on_change)
+        await mirror.start()
+        assert dict(mirror.items()) == {"a": "a", "b": "b", "c": "c"}
+        assert mirror.revision("gone") == 5  # a deleted key keeps its marker's revision
+
+        await writer.delete("a")  # revision 6
+        await writer.purge("b")  # 7
+        await writer.put("c", b"")  # an empty value is a value, not a delete
+        assert await mirror.barrier(5.0)
+        assert dict(mirror.items()) == {"c": ""}
+        assert mirror.revision("a") == 6 and mirror.revision("b") == 7
+        if told:
+            assert changes == [("a", "a", None), ("b", "b", None), ("c", "c", "")]
+        await mirror.stop()
+    finally:
+        await other.close()
+        await nc.close()
+
+
+async def test_followed_values_are_parsed_only_when_read_without_on_change(
+    hub: NatsServerProcess,
+) -> None:
+    nc = await open_connection(NatsConfig.from_url(hub.url, name="kvmirror-lazy"))
+    other = await open_connection(NatsConfig.from_url(hub.url, name="kvmirror-lazy-writer"))
+    parsed: list[tuple[str, bytes]] = []
+
+    def counting(key: str, value: bytes) -> str | None:
+        parsed.append((key, value))
+        return value.decode()
+
+    try:
+        js = nc.jetstream()
+        kv = await ensure_kv(js, KvSpec(bucket="LAZYTEST"))
+        writer = await other.jetstream().key_value("LAZYTEST")
+        for n in range(20):
+            await writer.put(f"k{n}", b"0")
+        mirror: KvMirror[str] = KvMirror(js, kv, "LAZYTEST", counting)
+        await mirror.start()
+        assert parsed == []  # loaded, not parsed
+        newest = 0
+        for round_ in range(1, 4):  # every key written again, three times, each one followed
+            for n in range(20):
+                newest = await writer.put(f"k{n}", str(round_).encode())
+            assert await mirror.barrier(5.0)
+        assert parsed == [] and mirror.applied == newest
+        assert mirror.get("k7") == "3"
+        assert sorted(parsed) == sorted((f"k{n}", b"3") for n in range(20))  # the newest, once
+        assert len(mirror) == 20 and set(mirror.values()) == {"3"} and len(parsed) == 20
+        assert mirror.revision("k19") == newest
+        await mirror.stop()
+    finally:
+        await other.close()
+        await nc.close()
+
+
+def _strict(key: str, value: bytes) -> str | None:
+    """Rejects b"bad" (as a model validation would: skipped)."""
+    return None if value == b"bad" else value.decode()
+
+
+@pytest.mark.parametrize("told", [False, True], ids=["lazy", "on_change"])
+async def test_a_rejected_value_leaves_the_newest_accepted_one_in_place(
+    hub: NatsServerProcess, told: bool
+) -> None:
+    """Parsed on arrival (with `on_change`) or lazily, the same: a rejected value is skipped,
+    the one before it stays, with its revision (a compare-and-set writer uses it)."""
+    nc = await open_connection(NatsConfig.from_url(hub.url, name="kvmirror-rejected"))
+    other = await open_connection(NatsConfig.from_url(hub.url, name="kvmirror-rejecter"))
+    changes: list[tuple[str, str | None, str | None]] = []
+    try:
+        js = nc.jetstream()
+        kv = await ensure_kv(js, KvSpec(bucket="REJECTTEST"))
+        writer = await other.jetstream().key_value("REJECTTEST")
+        await writer.put("a", b"1")
+        await writer.put("only-bad", b"bad")
+        on_change = (lambda k, before, after: changes.append((k, before, after))) if told else None
+        mirror: KvMirror[str] = KvMirror(js, kv, "REJECTTEST", _strict, on_change)
+        await mirror.start()
+
+        async def put(key: str, value: bytes) -> int:
+            revision = await writer.put(key, value)
+            assert await mirror.barrier(5.0)  # followed one by one: none skipped as superseded
+            return revision
+
+        two = await put("a", b"2")
+        await put("a", b"bad")
+        assert mirror.get("a") == "2" and mirror.revision("a") == two
+        assert mirror.get("only-bad") is None and mirror.revision("only-bad") == 0
+        # Many writes of one key, never read, the newest rejected: the one before it stays.
+        for n in range(3, 3 + 2 * kvmirror._MAX_UNPARSED):
+            last_good = await put("b", str(n).encode())
+        await put("b", b"bad")
+        await put("b", b"bad")
+        assert mirror.revision("b") == last_good and mirror.get("b") == str(n)
+        await put("only-bad", b"bad")
+        assert len(mirror) == 2 and "only-bad" not in dict(mirror.items())
+        # The next accepted write is taken again.
+        three = await put("a", b"3")
+        assert mirror.get("a") == "3" and mirror.revision("a") == three
+        if told:
+            assert [c for c in changes if c[0] == "a"] == [("a", "1", "2"), ("a", "2", "3")]
+        await mirror.stop()
+    finally:
+        await other.close()
+        await nc.close()
+
+
+async def test_a_deleted_consumer_is_replaced_and_the_copy_caught_up(
+    hub: NatsServerProcess,
+) -> None:
+    nc = await open_connection(NatsConfig.from_url(hub.url, name="kvmirror-lost"))
+    other = await open_connection(NatsConfig.from_url(hub.url, name="kvmirror-lost-writer"))
+    try:
+        js = nc.jetstream()
+        kv = await ensure_kv(js, KvSpec(bucket="LOSTTEST"))
+        writer = await other.jetstream().key_value("LOSTTEST")
+        await writer.put("a", b"1")
+        mirror: KvMirror[str] = KvMirror(js, kv, "LOSTTEST", _text)
+        await mirror.start()
+        [first] = await _consumers(js, "LOSTTEST")
+        await js.delete_consumer("KV_LOSTTEST", first)
+        await writer.put("a", b"2")
+        await writer.put("b", b"x")
+        # No watchdog asked: the follower itself starts over with a new consumer.
+        await _eventually(lambda: mirror.get("a") == "2" and mirror.get("b") == "x", "caught up")
+        assert mirror.resyncs == 1
+        [second] = await _consumers(js, "LOSTTEST")
+        assert second != first
+        await writer.put("c", b"y")
+        assert await mirror.barrier(5.0) and mirror.get("c") == "y"
+        await mirror.stop()
+    finally:
+        await other.close()
+        await nc.close()
+
+
+async def test_a_server_restart_ends_in_a_new_consumer_and_a_current_copy(
+    hub: NatsServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server forgets the follower's (in-memory) consumer: pull requests then find no
+    responder, for good. The follower notices when quiet and starts over."""
+    monkeypatch.setattr(kvmirror, "IDLE_CHECK_S", 0.3)
+    nc = await open_connection(NatsConfig.from_url(hub.url, name="kvmirror-restart"))
+    other = await open_connection(NatsConfig.from_url(hub.url, name="kvmirror-restart-w"))
+    try:
+        js = nc.jetstream()
+        kv = await ensure_kv(js, KvSpec(bucket="SERVERRESTART"))
+        writer = await other.jetstream().key_value("SERVERRESTART")
+        await writer.put("a", b"1")
+        mirror: KvMirror[str] = KvMirror(js, kv, "SERVERRESTART", _text)
+        await mirror.start()
+        await asyncio.to_thread(hub.stop)
+        await asyncio.to_thread(hub.start)
+        await _eventually(lambda: nc.is_connected and other.is_connected, "reconnected")
+        for _ in range(50):  # JetStream may still be recovering the stream
+            try:
+                await writer.put("a", b"2")
+                break
+            except Exception:
+                await asyncio.sleep(0.1)
+        await _eventually(lambda: mirror.get("a") == "2", "the write after the restart")
+        assert mirror.resyncs >= 1
+        assert len(await _consumers(js, "SERVERRESTART")) == 1
+        await writer.put("b", b"x")
+        assert await mirror.barrier(5.0) and mirror.get("b") == "x"
+        await mirror.stop()
+    finally:
+        await other.close()
+        await nc.close()
+
+
+async def test_stop_and_pause_delete_the_consumer(hub: NatsServerProcess) -> None:
+    nc = await open_connection(NatsConfig.from_url(hub.url, name="kvmirror-stop"))
+    try:
+        js = nc.jetstream()
+        kv = await ensure_kv(js, KvSpec(bucket="STOPTEST"))
+        await kv.put("a", b"1")
+        mirror: KvMirror[str] = KvMirror(js, kv, "STOPTEST", _text)
+        await mirror.start()
+        [first] = await _consumers(js, "STOPTEST")
+        info = await js.consumer_info("KV_STOPTEST", first)
+        assert info.config.ack_policy == AckPolicy.NONE
+        assert info.config.inactive_threshold  # a dead process's consumer goes away
+        await mirror.pause()
+        assert await _consumers(js, "STOPTEST") == []
+        await mirror.resume()
+        [second] = await _consumers(js, "STOPTEST")
+        assert second != first  # one name per start: never an old one's
+        await mirror.stop()
+        assert await _consumers(js, "STOPTEST") == []
+    finally:
+        await nc.close()
+
+
+async def test_a_failing_on_change_is_logged_and_the_follower_starts_over(
+    hub: NatsServerProcess,
+) -> None:
+    nc = await open_connection(NatsConfig.from_url(hub.url, name="kvmirror-failing"))
+    failures = [RuntimeError("a bug in the callback")]
+
+    def on_change(key: str, before: str | None, after: str | None) -> None:
+        if failures:
+            raise failures.pop()
+
+    try:
+        js = nc.jetstream()
+        kv = await ensure_kv(js, KvSpec(bucket="FAILTEST"))
+        mirror: KvMirror[str] = KvMirror(js, kv, "FAILTEST", _text, on_change)
+        await mirror.start()
+        await kv.put("a", b"1")  # its callback raises: the task must not just end
+        await _eventually(lambda: mirror.resyncs == 1, "a new consumer")
+        await kv.put("b", b"2")
+        assert await mirror.barrier(5.0) and mirror.get("b") == "2" and mirror.get("a") == "1"
         await mirror.stop()
     finally:
         await nc.close()

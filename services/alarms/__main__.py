@@ -1,6 +1,7 @@
 """`python -m services.alarms`: one alarms-service replica until SIGTERM/SIGINT (then exit 0).
 
-Start several against the same NATS: they share requests; one leads (consumes, writes state).
+Start several against the same NATS: they share requests; one leads each partition (consumes,
+writes state).
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nats", required=True, help="center NATS URL(s), comma-separated")
     p.add_argument("--credentials", type=Path, help="NATS creds file of this service")
     p.add_argument("--replica-id", default=None)
+    p.add_argument(
+        "--partitions",
+        type=int,
+        default=defaults.partitions,
+        help="alarm partitions (by site): one leader each, spread over the replicas",
+    )
     p.add_argument("--lease-ttl-s", type=float, default=defaults.lease_ttl_s)
     p.add_argument("--flush-every-s", type=float, default=defaults.flush_every_s)
     p.add_argument("--busy-flush-every-s", type=float, default=defaults.busy_flush_every_s)
@@ -57,6 +64,7 @@ def config_from_args(args: argparse.Namespace) -> AlarmsConfig:
             fleet_burst=args.fleet_notice_burst,
             summary_every_s=args.summary_every_s,
         ),
+        partitions=args.partitions,
         lease_ttl_s=args.lease_ttl_s,
         flush_every_s=args.flush_every_s,
         busy_flush_every_s=args.busy_flush_every_s,

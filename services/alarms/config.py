@@ -25,6 +25,10 @@ class AlarmsConfig:
     """Every replica answers requests; the lease holder alone consumes and writes state."""
 
     replica_id: str = field(default_factory=default_replica_id)
+    # Alarm changes are partitioned by site, one leader per partition (each replica leads its
+    # fair share): several leaders use several cores. Every replica must use the same count,
+    # which is fixed once the sites' alarm stream holds messages (`bus.partitions`).
+    partitions: int = 1
     flap: FlapPolicy = field(default_factory=FlapPolicy)
     storm: StormPolicy = field(default_factory=StormPolicy)
     lease_ttl_s: float = 10.0
@@ -50,6 +54,8 @@ class AlarmsConfig:
     request_queue: str = "alarms"
 
     def __post_init__(self) -> None:
+        if self.partitions < 1:
+            raise ValueError("partitions must be >= 1")
         if self.lease_ttl_s <= 0 or self.flush_every_s <= 0 or self.tick_s <= 0:
             raise ValueError("lease_ttl_s, flush_every_s and tick_s must be positive")
         if self.busy_flush_every_s < self.flush_every_s or self.behind_after < 0:

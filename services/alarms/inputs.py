@@ -196,23 +196,3 @@ def origin_problem(
     if data["alarm_id"] != expected:
         return "alarm_id_mismatch", f"alarm id {data['alarm_id']!r} is not {expected!r}"
     return None
-
-
-def stream_seq(reply: str) -> int:
-    """The stream sequence of a JetStream delivery, from its reply (ack) subject.
-
-    `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>...`, or the longer form with a domain
-    and account hash; cheaper than nats-py's `msg.metadata`.
-    """
-    if reply.count(".") == 8:  # the short form: the sequence is the fourth token from the end
-        return int(reply.rsplit(".", 4)[1])  # (five pieces to allocate, not nine)
-    return int(reply.split(".")[7])
-
-
-def waiting_in_stream(reply: str) -> int:
-    """How many messages the consumer has still to deliver after this one (`num_pending` in
-    the reply subject's metadata, short or long form, as `stream_seq` reads it); 0 if the
-    reply is not a JetStream delivery's."""
-    tokens = reply.split(".")
-    pending = tokens[8] if len(tokens) == 9 else tokens[10] if len(tokens) >= 11 else ""
-    return int(pending) if pending.isdigit() else 0

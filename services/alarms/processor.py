@@ -30,7 +30,8 @@ from bus.client import MSG_ID_HEADER, Bus
 from bus.jspublish import Message, PipelinedPublisher
 from bus.kvmirror import KvMirror
 from bus.log import get_logger
-from bus.pullfeed import PullFeed
+from bus.partitions import partition_filter
+from bus.pullfeed import PullFeed, stream_seq, waiting_in_stream
 from bus.streams import ALARMS_KV, alarm_activity_stream, center_alarm_stream, uplink_stream
 from schemas.alarms import AlarmAcknowledged, AlarmRecord
 from schemas.envelope import utc_now
@@ -41,9 +42,8 @@ from services.alarms.inputs import (
     ChangeDecoder,
     origin_problem,
     site_of,
-    stream_seq,
-    waiting_in_stream,
 )
+from services.alarms.partitions import Partition
 from services.alarms.state import (
     AlarmEntry,
     alarm_key,
@@ -57,6 +57,7 @@ from services.alarms.storm import Notice, StormGuard
 
 CONSUMER = "alarms"
 ACK_CONSUMER = "alarms-acks"
+BARE_CONSUMER = "alarms-bare"
 COMPONENT = "alarms"
 KV_SUBJECT_PREFIX = f"$KV.{ALARMS_KV.bucket}."
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
@@ -65,6 +66,9 @@ WRONG_LAST_SEQUENCE = 10071  # JetStream error code of a failed compare-and-set
 WRITE_TIMEOUT_S = 10.0
 PRUNE_EVERY_S = 60.0
 LOAD_TIMEOUT_S = 30.0
+
+
+UNPARTITIONED = Partition()
 
 
 class WriteConflict(RuntimeError):
@@ -77,18 +81,38 @@ class _Feed:
     consumer: str
     filters: tuple[str, ...]
     acks: bool  # acknowledgements, not raises/clears
+    # Carries every partition's sites: this partition applies its own, skips the others'.
+    sieve: bool = False
+    # Dead-letter everything consumed, for this (reason, detail).
+    refuse: tuple[str, str] | None = None
     pull: PullFeed | None = None
     to_ack: Msg | None = None  # the last message whose effect awaits the next flush
     unacked: int = 0  # consumed messages up to `to_ack`
     waiting: int = 0  # messages still in the stream behind the last one consumed
 
 
-def _feeds() -> list[_Feed]:
-    return [
-        _Feed(uplink_stream("alarm").name, CONSUMER, (), acks=False),
-        _Feed(center_alarm_stream().name, CONSUMER, (), acks=False),
-        _Feed(alarm_activity_stream().name, ACK_CONSUMER, ("center.alarms.ack.*",), acks=True),
+def _feeds(part: Partition) -> list[_Feed]:
+    """The streams a partition's leader consumes. Partitioned, the sites' stream (the storm's)
+    is filtered by the server; the center's alarms and the acknowledgements (few) are sieved."""
+    up, center = uplink_stream("alarm").name, center_alarm_stream().name
+    acks = alarm_activity_stream().name
+    ack_filter = ("center.alarms.ack.*",)
+    if part.count == 1:
+        return [
+            _Feed(up, CONSUMER, (), acks=False),
+            _Feed(center, CONSUMER, (), acks=False),
+            _Feed(acks, ACK_CONSUMER, ack_filter, acks=True),
+        ]
+    suffix = f"-p{part.index}"
+    feeds = [
+        _Feed(up, CONSUMER + suffix, (partition_filter("alarm", part.index),), acks=False),
+        _Feed(center, CONSUMER + suffix, (), acks=False, sieve=True),
+        _Feed(acks, ACK_CONSUMER + suffix, ack_filter, acks=True, sieve=True),
     ]
+    if part.index == 0:  # the transform leaves a change without a key unpartitioned
+        refuse = ("unpartitioned_subject", "an alarm change needs a key: up.<site>.alarm.<key>")
+        feeds.append(_Feed(up, BARE_CONSUMER, ("up.*.alarm",), acks=False, refuse=refuse))
+    return feeds
 
 
 class AlarmProcessor:
@@ -101,6 +125,7 @@ class AlarmProcessor:
         config: AlarmsConfig,
         *,
         may_write: Callable[[], bool] = lambda: True,
+        partition: Partition = UNPARTITIONED,
         clock: Callable[[], datetime] = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -108,6 +133,7 @@ class AlarmProcessor:
         self._mirror = mirror
         self._config = config
         self._may_write = may_write
+        self.partition = partition
         self._clock = clock
         self._monotonic = monotonic
         self.table: dict[str, AlarmEntry] = {}
@@ -115,10 +141,10 @@ class AlarmProcessor:
         self._dirty: dict[str, None] = {}
         self._flapping: set[str] = set()
         self._notices: list[Notice] = []
-        self._guard = StormGuard(config.storm)
+        self._guard = StormGuard(partition.storm_policy(config.storm))
         self._decode_change = ChangeDecoder(bus.registry)
         self._decode_ack = bus.registry.decoder_for(AlarmAcknowledged)
-        self._feeds = _feeds()
+        self._feeds = _feeds(partition)
         self._publisher = PipelinedPublisher(bus.nc)
         self._flush_lock = asyncio.Lock()
         self._flush_wanted = asyncio.Event()
@@ -132,18 +158,21 @@ class AlarmProcessor:
     async def start(self) -> None:
         """Take the table over from KV (through the mirror, once it caught up), then consume.
 
-        While this processor writes the table, the mirror follows it through `remember`
-        rather than by watching the bucket (see `KvMirror.pause`)."""
+        While this processor writes the whole table (one partition), the mirror follows it
+        through `remember` rather than by watching the bucket (see `KvMirror.pause`)."""
         await self._mirror.resume()
         await self._load()
-        await self._mirror.pause()
+        if self.partition.count == 1:
+            await self._mirror.pause()
         await self._publisher.start()
         config = self._config
         for feed in self._feeds:
             await self._declare_after_ack_floor(feed)
             feed.pull = PullFeed(self._bus.nc, feed.stream, feed.consumer, batch=config.batch_size)
             await feed.pull.start()
-        self._log.info("alarm_processing_started", records=len(self.table))
+        self._log.info(
+            "alarm_processing_started", records=len(self.table), partition=self.partition.index
+        )
 
     async def _declare_after_ack_floor(self, feed: _Feed) -> None:
         """(Re)create the feed's durable consumer so it delivers, in stream order, everything
@@ -174,7 +203,10 @@ class AlarmProcessor:
             self._log.warning("alarm_state_behind", applied=self._mirror.applied)
         self.table = {}
         self._revisions = {}
+        owns = self.partition.owns
         for key, record in list(self._mirror.items()):
+            if not owns(record.site):
+                continue
             self.table[record.alarm_id] = AlarmEntry.of(record)
             self._revisions[record.alarm_id] = self._mirror.revision(key)
         self._flapping = {r.alarm_id for r in self.table.values() if r.flapping}
@@ -231,10 +263,13 @@ class AlarmProcessor:
             if msgs:
                 now, now_s = self._clock(), self._monotonic()
                 self.stats["consumed"] += len(msgs)
-                if feed.acks:
-                    refused = [(m, p) for m in msgs if (p := self._apply_ack(m, now, now_s))]
+                mine = self._sieve(msgs) if feed.sieve else msgs
+                if feed.refuse is not None:
+                    refused = [(m, feed.refuse) for m in mine]
+                elif feed.acks:
+                    refused = [(m, p) for m in mine if (p := self._apply_ack(m, now, now_s))]
                 else:
-                    refused = self._apply_changes(feed.stream, msgs, now, now_s)
+                    refused = self._apply_changes(feed.stream, mine, now, now_s)
                 for msg, (reason, detail) in refused:
                     await self._dead_letter(msg, reason, detail)
                 feed.to_ack = msgs[-1]
@@ -246,6 +281,13 @@ class AlarmProcessor:
                 # A backlog never empties the buffer, so `next_batch` would never yield: let
                 # the lease renewal, the socket reader and the flush run between batches.
                 await asyncio.sleep(0)
+
+    def _sieve(self, msgs: list[Msg]) -> list[Msg]:
+        """This partition's messages of a stream that carries every partition's."""
+        owns = self.partition.owns
+        mine = [m for m in msgs if owns(site_of(m.subject))]
+        self.stats["other_partitions"] += len(msgs) - len(mine)
+        return mine
 
     def _apply_changes(
         self, source: str, msgs: list[Msg], now: datetime, now_s: float

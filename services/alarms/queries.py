@@ -37,7 +37,7 @@ _ACK_POLL_S = 0.05
 
 
 class AlarmRequests:
-    """Handlers for `Bus.serve`; `counters` and `leading` describe this replica for `stats`."""
+    """Handlers for `Bus.serve`; `counters` and `led` describe this replica for `stats`."""
 
     def __init__(
         self,
@@ -46,13 +46,13 @@ class AlarmRequests:
         config: AlarmsConfig,
         *,
         counters: Callable[[], dict[str, int]],
-        leading: Callable[[], bool],
+        led: Callable[[], list[int]],
     ) -> None:
         self._bus = bus
         self._mirror = mirror
         self._config = config
         self._counters = counters
-        self._leading = leading
+        self._led = led
 
     def lookup(self, alarm_id: str) -> AlarmRecord | None:
         return self._mirror.get(alarm_key(alarm_id))
@@ -140,8 +140,9 @@ class AlarmRequests:
     async def stats(self, request: Event[AlarmsStatsQuery]) -> EventData:
         return AlarmsStats(
             replica=self._config.replica_id,
-            leader=self._leading(),
+            leader=bool(led := self._led()),
             records=len(self._mirror),
             counters=self._counters(),
             at=utc_now(),
+            partitions=led,
         )

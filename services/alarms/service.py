@@ -1,24 +1,30 @@
 """`AlarmsService`: one replica of the alarms service; run as many as you like against one NATS.
 
 Every replica keeps a copy of the alarm table (KV watch) and answers requests (queue group);
-the holder of the lease alone consumes alarm changes and writes the table (`processor`).
+the holder of a partition's lease alone consumes its alarm changes and writes its part of the
+table (`processor`); each replica leads its fair share of the partitions (`partitions`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from bus import subjects
 from bus.client import Bus, RequestHandler
 from bus.kvmirror import KvMirror
-from bus.lease import LeaderLease
+from bus.lease import LEASE_KEY, LeaderLease
 from bus.log import get_logger
+from bus.partitions import partition_transform, transform_partitions
 from bus.streams import (
     ALARMS_KV,
     alarm_activity_stream,
@@ -27,6 +33,7 @@ from bus.streams import (
     dead_letter_stream,
     ensure_kv,
     ensure_stream,
+    stream_transform,
     uplink_stream,
 )
 from schemas.alarms import (
@@ -39,6 +46,7 @@ from schemas.alarms import (
 )
 from schemas.envelope import EventData
 from services.alarms.config import AlarmsConfig
+from services.alarms.partitions import Partition, Presence, plan_leases
 from services.alarms.processor import AlarmProcessor
 from services.alarms.queries import AlarmRequests
 
@@ -53,6 +61,17 @@ def request_subjects() -> dict[str, str]:
     }
 
 
+@dataclass
+class _Term:
+    """One partition: this replica's lease on it, and its processor while leading it."""
+
+    partition: Partition
+    lease: LeaderLease
+    task: asyncio.Task[None] | None = None
+    halt: asyncio.Event = field(default_factory=asyncio.Event)
+    processor: AlarmProcessor | None = None
+
+
 class AlarmsService:
     """The caller owns `bus` and closes it; `run(stop)` starts, serves, then closes."""
 
@@ -60,54 +79,75 @@ class AlarmsService:
         self.bus = bus
         self.config = config or AlarmsConfig()
         self.mirror: KvMirror[AlarmRecord] | None = None
-        self.lease: LeaderLease | None = None
         self.requests: AlarmRequests | None = None
-        self.processor: AlarmProcessor | None = None
+        self.presence: Presence | None = None
+        self.terms: dict[int, _Term] = {}
         self.started = asyncio.Event()  # set once every request subject is served
         self.leaderships = 0
-        self._processing: asyncio.Task[None] | None = None
-        self._halt = asyncio.Event()
+        self._alive: list[str] = []
+        self._lease_ticks = 0
         self._subscriptions: list[Subscription] = []
         self._totals: Counter[str] = Counter()  # of earlier processors (leadership terms)
         self._log = get_logger("alarms", replica=self.config.replica_id)
 
     @property
     def is_leader(self) -> bool:
-        return self.lease is not None and self.lease.is_leader
+        """Whether this replica leads a partition now."""
+        return any(term.lease.is_leader for term in self.terms.values())
+
+    @property
+    def led(self) -> list[int]:
+        """The partitions this replica leads now."""
+        return sorted(p for p, term in self.terms.items() if term.lease.is_leader)
+
+    @property
+    def processors(self) -> dict[int, AlarmProcessor]:
+        return {p: t.processor for p, t in self.terms.items() if t.processor is not None}
+
+    @property
+    def processor(self) -> AlarmProcessor | None:
+        """The processor of an unpartitioned service (None while not leading)."""
+        processors = self.processors
+        return next(iter(processors.values())) if len(processors) == 1 else None
 
     def counters(self) -> dict[str, int]:
         out = Counter(self._totals)
-        if self.processor is not None:
-            out.update(self.processor.stats)
+        for processor in self.processors.values():
+            out.update(processor.stats)
         out["leaderships"] = self.leaderships
         return dict(out)
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        js = self.bus.js
+        js, config = self.bus.js, self.config
         for spec in (
             dead_letter_stream(subjects.CENTER),
-            uplink_stream("alarm"),
             center_alarm_stream(),
             alarm_activity_stream(),
         ):
             await ensure_stream(js, spec)
+        await ensure_partitioned(js, config.partitions)
         kv = await ensure_kv(js, ALARMS_KV)
-        lease_kv = await ensure_kv(js, alarms_lease_kv(self.config.lease_ttl_s))
+        lease_kv = await ensure_kv(js, alarms_lease_kv(config.lease_ttl_s))
         self.mirror = KvMirror(js, kv, ALARMS_KV.bucket, self._parse)
         await self.mirror.start()
-        self.lease = LeaderLease(lease_kv, self.config.replica_id, self.config.lease_ttl_s)
+        lease_bucket = alarms_lease_kv(config.lease_ttl_s).bucket
+        self.presence = Presence(js, lease_kv, lease_bucket, config.replica_id)
+        for index in range(config.partitions):
+            key = LEASE_KEY if config.partitions == 1 else f"{LEASE_KEY}-p{index}"
+            lease = LeaderLease(lease_kv, config.replica_id, config.lease_ttl_s, key=key)
+            self.terms[index] = _Term(Partition(index, config.partitions), lease)
         self.requests = AlarmRequests(
             self.bus,
             self.mirror,
             self.config,
             counters=self.counters,
-            leading=lambda: self.is_leader,
+            led=lambda: self.led,
         )
         await self._serve()
         self.started.set()
-        self._log.info("alarms_started", records=len(self.mirror))
+        self._log.info("alarms_started", records=len(self.mirror), partitions=config.partitions)
 
     async def _serve(self) -> None:
         ops, queue, requests = request_subjects(), self.config.request_queue, self.requests
@@ -140,13 +180,14 @@ class AlarmsService:
     async def run(self, stop: asyncio.Event) -> None:
         """Start, then lead or follow until `stop` is set, then close."""
         await self.start()
-        assert self.lease is not None and self.mirror is not None
+        assert self.mirror is not None
         last_check = 0.0
         loop = asyncio.get_running_loop()
         try:
             while not stop.is_set():
-                await self.lease.tick()
-                await self._lead_or_follow()
+                await self._tick_leases()
+                for term in self.terms.values():
+                    await self._lead_or_follow(term)
                 if loop.time() - last_check >= MIRROR_CHECK_S and self.bus.nc.is_connected:
                     last_check = loop.time()
                     with contextlib.suppress(Exception):  # retried at the next check
@@ -156,29 +197,61 @@ class AlarmsService:
         finally:
             await self.close()
 
-    async def _lead_or_follow(self) -> None:
-        leading = self.is_leader and self.bus.nc.is_connected
-        task = self._processing
+    async def _tick_leases(self) -> None:
+        """Renew the leases held, give up those beyond this replica's fair share, and try for
+        free ones while under it (`plan_leases`)."""
+        assert self.presence is not None
+        with contextlib.suppress(Exception):  # NATS unreachable: the last count stands
+            await self.presence.announce()
+            self._alive = await self.presence.alive()
+        self._lease_ticks += 1
+        if self._lease_ticks == 1 and len(self.terms) > 1:
+            return  # counted by replicas starting at the same time before anyone takes a share
+        held = frozenset(self.led)
+        plan = plan_leases(len(self.terms), held, self._alive, self.config.replica_id)
+        for index in plan.release:
+            self._log.info("partition_handed_over", partition=index, share=plan.share)
+            term = self.terms[index]
+            await self._stop_processing(term, flush=True)
+            await term.lease.release()
+        leading = len(held) - len(plan.release)
+        for index in held - set(plan.release):
+            await self.terms[index].lease.tick()
+        for index in plan.candidates:
+            if leading >= plan.share:
+                break
+            if await self.terms[index].lease.tick():
+                leading += 1
+
+    async def _lead_or_follow(self, term: _Term) -> None:
+        leading = term.lease.is_leader and self.bus.nc.is_connected
+        task = term.task
         if task is not None and task.done():
-            self._processing = None
+            term.task = None
             failure = None if task.cancelled() else task.exception()
             if failure is not None:
-                self._log.error("alarm_processing_failed", error=repr(failure))
+                self._log.error(
+                    "alarm_processing_failed", error=repr(failure), partition=term.partition.index
+                )
             task = None
         if leading and task is None:
-            self._halt = asyncio.Event()
-            self._processing = asyncio.create_task(self._process(self._halt))
+            term.halt = asyncio.Event()
+            term.task = asyncio.create_task(self._process(term, term.halt))
         elif not leading and task is not None:
-            self._log.warning("alarm_processing_handed_over")
-            await self._stop_processing(flush=False)
+            self._log.warning("alarm_processing_handed_over", partition=term.partition.index)
+            await self._stop_processing(term, flush=False)
 
-    async def _process(self, halt: asyncio.Event) -> None:
-        assert self.mirror is not None and self.lease is not None
-        lease = self.lease
+    async def _process(self, term: _Term, halt: asyncio.Event) -> None:
+        assert self.mirror is not None
+        lease = term.lease
         processor = AlarmProcessor(
-            self.bus, self.mirror, self.config, may_write=lambda: lease.is_leader
+            self.bus,
+            self.mirror,
+            self.config,
+            may_write=lambda: lease.is_leader,
+            partition=term.partition,
         )
-        self.processor = processor
+        term.processor = processor
         self.leaderships += 1
         flush = True
         try:
@@ -191,29 +264,61 @@ class AlarmsService:
             with contextlib.suppress(Exception):
                 await processor.stop(flush=flush and lease.is_leader)
             self._totals.update(processor.stats)
-            self.processor = None
+            term.processor = None
             if not flush:
                 await asyncio.sleep(RESTART_PAUSE_S)
 
-    async def _stop_processing(self, *, flush: bool) -> None:
-        task, self._processing = self._processing, None
+    async def _stop_processing(self, term: _Term, *, flush: bool) -> None:
+        task, term.task = term.task, None
         if task is None:
             return
-        if not flush and self.processor is not None:
-            self.processor.stop_writing()
-        self._halt.set()
+        if not flush and term.processor is not None:
+            term.processor.stop_writing()
+        term.halt.set()
         with contextlib.suppress(Exception):
             await task
 
     async def close(self) -> None:
-        """Finish requests, store what was processed, hand the lease over, stop watching."""
+        """Finish requests, store what was processed, hand the leases over, stop watching."""
         subscriptions, self._subscriptions = self._subscriptions, []
         for sub in subscriptions:
             with contextlib.suppress(Exception):
                 await sub.drain()  # type: ignore[no-untyped-call]
-        await self._stop_processing(flush=True)
-        if self.lease is not None and not self.bus.nc.is_closed:
-            await self.lease.release()
+        for term in self.terms.values():
+            await self._stop_processing(term, flush=True)
+        if not self.bus.nc.is_closed:
+            for term in self.terms.values():
+                await term.lease.release()
+            if self.presence is not None:
+                await self.presence.withdraw()
         if self.mirror is not None:
             await self.mirror.stop()
         self._log.info("alarms_stopped", **self.counters())
+
+
+async def ensure_partitioned(js: JetStreamContext, partitions: int) -> None:
+    """Declare the sites' alarm stream partitioned `partitions` ways (by site). Refused if it
+    already holds messages under another partitioning: stored subjects carry the partition
+    they were stored with, so the count cannot change under them."""
+    spec = uplink_stream("alarm")
+    if partitions > 1:
+        spec = dataclasses.replace(spec, subject_transform=partition_transform("alarm", partitions))
+    try:
+        info = await js.stream_info(spec.name)
+    except NotFoundError:
+        await ensure_stream(js, spec)
+        return
+    current = transform_partitions("alarm", stream_transform(info))
+    if current != partitions and info.state.messages:
+        raise PartitioningMismatch(
+            f"{spec.name} is partitioned {current} way(s) and holds {info.state.messages} "
+            f"messages; this replica is configured for {partitions}: every alarms replica "
+            f"must use the stream's count (--partitions {current})"
+        )
+    if current != partitions and partitions == 1:
+        await js.update_stream(config=dataclasses.replace(info.config, subject_transform=None))
+    await ensure_stream(js, spec)
+
+
+class PartitioningMismatch(RuntimeError):
+    """The configured partition count is not the alarm stream's, and the stream holds messages."""
