@@ -130,7 +130,19 @@ async def test_the_servers_partitions_are_ours_and_other_declarers_keep_them(
     center: Center,
 ) -> None:
     js = center.bus.js  # the fixture declared UP_ALARM unpartitioned, as a controller does
+    # Unpartitioned and holding messages (sites forwarded before the alarms service came):
+    # they were stored without partitions, so partitioning now is refused.
+    await js.publish(subjects.up("early", "alarm", "pump"), b"{}")
+    with pytest.raises(PartitioningMismatch, match="partitioned 1 way"):
+        await ensure_partitioned(js, 2)
+    await ensure_partitioned(js, 1)
+    await js.purge_stream("UP_ALARM")
     await ensure_partitioned(js, 3)
+    # Set, the count is fixed even while the stream is empty: a replica configured otherwise
+    # must not pull the transform from under the others' filters.
+    for other in (1, 2):
+        with pytest.raises(PartitioningMismatch, match="partitioned 3 way"):
+            await ensure_partitioned(js, other)
     # Another service declaring the stream (without a transform) must not undo it.
     info = await ensure_stream(js, uplink_stream("alarm"))
     assert transform_partitions("alarm", stream_transform(info)) == 3

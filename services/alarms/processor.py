@@ -1,6 +1,7 @@
-"""`AlarmProcessor`: what the leader does. Consume alarm changes (UP_ALARM, CENTER_ALARMS) and
-acknowledgements (ALARM_ACTIVITY) with durable consumers, apply them (`state`), tell operators
-(`storm`), then write the changed records to KV and ack what was consumed. The table holds
+"""`AlarmProcessor`: what the leader of a partition does (one partition: the whole fleet).
+Consume its sites' alarm changes (UP_ALARM, CENTER_ALARMS) and acknowledgements
+(ALARM_ACTIVITY) with durable consumers, apply them (`state`), tell operators (`storm`), then
+write the changed records to KV and ack what was consumed. The table holds
 mutable `AlarmEntry`s; a flush runs in a task of its own, so consuming goes on while it waits.
 
 The stream is the log and the KV table its checkpoint. Writes are coalesced per alarm (more so

@@ -297,9 +297,10 @@ class AlarmsService:
 
 
 async def ensure_partitioned(js: JetStreamContext, partitions: int) -> None:
-    """Declare the sites' alarm stream partitioned `partitions` ways (by site). Refused if it
-    already holds messages under another partitioning: stored subjects carry the partition
-    they were stored with, so the count cannot change under them."""
+    """Declare the sites' alarm stream partitioned `partitions` ways (by site). Only an empty,
+    unpartitioned stream takes a partitioning; after that the count is fixed. Stored subjects
+    carry the partition they were stored with, and every replica's filters rely on it: a
+    replica configured otherwise must not change it under the others."""
     spec = uplink_stream("alarm")
     if partitions > 1:
         spec = dataclasses.replace(spec, subject_transform=partition_transform("alarm", partitions))
@@ -309,14 +310,12 @@ async def ensure_partitioned(js: JetStreamContext, partitions: int) -> None:
         await ensure_stream(js, spec)
         return
     current = transform_partitions("alarm", stream_transform(info))
-    if current != partitions and info.state.messages:
+    if current != partitions and (current > 1 or info.state.messages):
         raise PartitioningMismatch(
-            f"{spec.name} is partitioned {current} way(s) and holds {info.state.messages} "
-            f"messages; this replica is configured for {partitions}: every alarms replica "
+            f"{spec.name} is partitioned {current} way(s) (it holds {info.state.messages} "
+            f"messages); this replica is configured for {partitions}: every alarms replica "
             f"must use the stream's count (--partitions {current})"
         )
-    if current != partitions and partitions == 1:
-        await js.update_stream(config=dataclasses.replace(info.config, subject_transform=None))
     await ensure_stream(js, spec)
 
 
