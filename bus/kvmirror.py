@@ -77,6 +77,9 @@ class KvMirror(Generic[T]):
         on_change: OnChange[T] | None = None,
     ) -> None:
         self._js = js
+        # The follower pulls on the context's own connection, under its API prefix (a domain).
+        self._nc = js._nc
+        self._api_prefix = js._prefix
         self._kv = kv
         self._stream = f"KV_{bucket}"
         self._filter = f"$KV.{bucket}.>"
@@ -232,7 +235,7 @@ class KvMirror(Generic[T]):
         # Counted before anything was delivered (nothing is, before the first pull request).
         if not info.num_pending:
             loaded.set()
-        feed = PullFeed(self._js._nc, self._stream, name, batch=_BATCH, api_prefix=self._js._prefix)
+        feed = PullFeed(self._nc, self._stream, name, batch=_BATCH, api_prefix=self._api_prefix)
         self._feed = feed
         await feed.start()
         return feed
@@ -242,7 +245,7 @@ class KvMirror(Generic[T]):
         if feed is not None:
             await feed.stop(nak_buffered=False)  # nothing to nak: no acks
         name, self._consumer = self._consumer, None
-        if name is not None and self._js._nc.is_connected:
+        if name is not None and self._nc.is_connected:
             with contextlib.suppress(Exception):  # already gone (with its server, say)
                 await asyncio.wait_for(
                     self._js.delete_consumer(self._stream, name), _DELETE_TIMEOUT_S
@@ -345,7 +348,7 @@ class KvMirror(Generic[T]):
                 loaded = asyncio.Event()  # as after `resync`: a reload's changes are not told
             while True:
                 await asyncio.sleep(retry_s)
-                if self._js._nc.is_closed:
+                if self._nc.is_closed:
                     self._log.info("kv_mirror_connection_closed")
                     return
                 try:
@@ -363,7 +366,7 @@ class KvMirror(Generic[T]):
         while True:
             msgs = await feed.next_batch(_BATCH, IDLE_CHECK_S)
             if not msgs:
-                if self._js._nc.is_closed:
+                if self._nc.is_closed:
                     return
                 if time.monotonic() - heard_at >= IDLE_CHECK_S:
                     await self._still_there(feed, loaded)
