@@ -34,7 +34,6 @@ baseline = raw counted / s; target ratio >= 0.5 (the issue's).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import subprocess
 import sys
 import time
@@ -184,19 +183,14 @@ def start_service(
 
 async def replica_stats(bus: Bus, replicas: int, timeout_s: float = 5.0) -> list[AlarmsStats]:
     """Every replica's answer to a stats request (each answers for itself)."""
-    inbox, answers = bus.nc.new_inbox(), asyncio.Queue[Msg]()
-    sub = await bus.nc.subscribe(inbox, cb=answers.put)
-    try:
-        request = bus.registry.encode(bus.event(AlarmsStatsQuery()))
-        await bus.nc.publish(subjects.alarms_control("stats"), request, reply=inbox)
-        out: list[AlarmsStats] = []
-        with contextlib.suppress(TimeoutError):
-            while len(out) < replicas:
-                msg = await asyncio.wait_for(answers.get(), timeout_s)
-                out.append(bus.registry.decode_as(msg.data, AlarmsStats).data)
-        return out
-    finally:
-        await sub.unsubscribe()
+    answers = await bus.request_all(
+        subjects.alarms_control("stats"),
+        AlarmsStatsQuery(),
+        AlarmsStats,
+        wait_s=timeout_s,
+        expected=replicas,
+    )
+    return [answer.data for answer in answers]
 
 
 def service_consumers(partitions: int) -> list[str]:

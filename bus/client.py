@@ -290,6 +290,41 @@ class Bus:
             error = self.registry.decode_as(msg.data, ErrorReply)
             raise RemoteError(error.data.code, error.data.message) from None
 
+    async def request_all(
+        self,
+        subject: str,
+        data: EventData,
+        response_model: type[R],
+        *,
+        wait_s: float = 1.0,
+        expected: int | None = None,
+    ) -> list[Event[R]]:
+        """Send a request every responder answers (no queue group), and gather the typed
+        answers that arrive within `wait_s` (sooner once `expected` came). Answers that do not
+        decode as `response_model` (error replies) are left out and logged."""
+        answers: asyncio.Queue[Msg] = asyncio.Queue()
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox, cb=answers.put)
+        out: list[Event[R]] = []
+        try:
+            await self.nc.publish(subject, self.registry.encode(self.event(data)), reply=inbox)
+            deadline = asyncio.get_running_loop().time() + wait_s
+            while expected is None or len(out) < expected:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                try:
+                    msg = await asyncio.wait_for(answers.get(), remaining)
+                except TimeoutError:
+                    break
+                try:
+                    out.append(self.registry.decode_as(msg.data, response_model))
+                except EventDecodeError as exc:
+                    self._log.warning("answer_not_decoded", subject=subject, error=str(exc))
+        finally:
+            await sub.unsubscribe()
+        return out
+
     # -- lifecycle -------------------------------------------------------------------
 
     async def confirm_subscriptions(self, timeout: float = 5.0) -> None:

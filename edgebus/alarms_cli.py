@@ -18,6 +18,7 @@ from rich.table import Table
 from schemas.alarms import (
     AlarmHistoryEntry,
     AlarmRecord,
+    AlarmsStats,
     AlarmsSummary,
     Severity,
     SiteHealth,
@@ -165,6 +166,25 @@ def summary_table(summary: AlarmsSummary) -> Table:
     return table
 
 
+def replicas_table(replicas: Sequence[AlarmsStats]) -> Table:
+    """One row a replica: the partitions it leads and what its leaders did so far."""
+    table = Table(title=f"{len(replicas)} alarms replica(s)")
+    for column in ("replica", "leads", "records", "consumed", "applied", "kv writes", "terms"):
+        table.add_column(column, no_wrap=column == "replica")
+    for stats in sorted(replicas, key=lambda s: (s.partitions or [1 << 30], s.replica)):
+        counters = stats.counters
+        table.add_row(
+            stats.replica,
+            ", ".join(f"p{p}" for p in stats.partitions) or "-",
+            str(stats.records),
+            str(counters.get("consumed", 0)),
+            str(counters.get("applied", 0)),
+            str(counters.get("kv_writes", 0)),
+            str(counters.get("leaderships", 0)),
+        )
+    return table
+
+
 def history_table(entries: Sequence[AlarmHistoryEntry], truncated: bool) -> Table:
     more = " (more matched: narrow the query or raise --limit)" if truncated else ""
     table = Table(title=f"{len(entries)} history entries{more}")
@@ -299,4 +319,32 @@ def alarms_ack(
     else:
         err_console.print(f"[red]{reply.reason}[/red]")
     if not reply.accepted:
+        raise typer.Exit(1)
+
+
+@app.command("replicas")
+def alarms_replicas(
+    wait: Annotated[float, typer.Option(help="seconds to gather the replicas' answers")] = 1.0,
+    server: ServerOption = "nats://127.0.0.1:4222",
+    credentials: CredentialsOption = None,
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """Every alarms-service replica: the partitions it leads, and its leaders' counters."""
+    from bus import subjects
+    from schemas.alarms import AlarmsStatsQuery
+
+    async def work(bus: Bus) -> list[AlarmsStats]:
+        answers = await bus.request_all(
+            subjects.alarms_control("stats"), AlarmsStatsQuery(), AlarmsStats, wait_s=wait
+        )
+        return [answer.data for answer in answers]
+
+    replicas = _call(server, credentials, work, timeout)
+    if as_json:
+        print_json([r.model_dump(mode="json") for r in replicas])
+    else:
+        console.print(replicas_table(replicas))
+    if not replicas:
+        err_console.print("[red]no alarms replica answered[/red]")
         raise typer.Exit(1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -28,7 +29,7 @@ from services.alarms.partitions import Partition, fair_share, plan_leases
 from services.alarms.service import PartitioningMismatch, ensure_partitioned
 from services.alarms.storm import StormPolicy
 from tests.siterig import wait_until
-from tests.test_alarms_service import Center, Replica, center, cleared, raised
+from tests.test_alarms_service import Center, Replica, center, cleared, raised, run_cli
 
 __all__ = ["center"]  # the fixture, shared with the alarms service's tests
 
@@ -236,6 +237,14 @@ async def test_two_replicas_share_two_partitions_and_either_answers_for_all(
     reasons = [s.rsplit(".", 1)[-1] for s in letters.state.subjects or {}]
     assert reasons == ["unpartitioned_subject"], letters.state.subjects
 
+    # Operators see which replica leads which partition.
+    code, out, err = await run_cli(center.url, "alarms", "replicas", "--json")
+    assert code == 0, err
+    led = {r["replica"]: r["partitions"] for r in json.loads(out)}
+    assert led == {"a1": first.service.led, "a2": second.service.led}, out
+    code, out, err = await run_cli(center.url, "alarms", "replicas")
+    assert code == 0 and "2 alarms replica(s)" in out and "p0" in out and "p1" in out, out
+
 
 async def test_a_dead_replicas_partition_is_taken_over_and_given_back_on_return(
     center: Center,
@@ -290,3 +299,9 @@ def test_partitions_config_is_checked() -> None:
     with pytest.raises(ValueError):
         AlarmsConfig(partitions=0)
     assert dataclasses.replace(AlarmsConfig(), partitions=3).partitions == 3
+
+
+async def test_replicas_command_says_when_no_replica_answers(center: Center) -> None:
+    code, out, err = await run_cli(center.url, "alarms", "replicas", "--wait", "0.3")
+    assert code == 1 and "no alarms replica answered" in err, (out, err)
+    assert "0 alarms replica(s)" in out
