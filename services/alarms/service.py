@@ -201,11 +201,13 @@ class AlarmsService:
         """Renew the leases held, give up those beyond this replica's fair share, and try for
         free ones while under it (`plan_leases`)."""
         assert self.presence is not None
-        with contextlib.suppress(Exception):  # NATS unreachable: the last count stands
-            await self.presence.announce()
-            self._alive = await self.presence.alive()
+        partitioned = len(self.terms) > 1
+        if partitioned:  # one partition: every replica's share is 1, whoever else lives
+            with contextlib.suppress(Exception):  # NATS unreachable: the last count stands
+                await self.presence.announce()
+                self._alive = await self.presence.alive()
         self._lease_ticks += 1
-        if self._lease_ticks == 1 and len(self.terms) > 1:
+        if self._lease_ticks == 1 and partitioned:
             return  # counted by replicas starting at the same time before anyone takes a share
         held = frozenset(self.led)
         plan = plan_leases(len(self.terms), held, self._alive, self.config.replica_id)
@@ -289,7 +291,7 @@ class AlarmsService:
         if not self.bus.nc.is_closed:
             for term in self.terms.values():
                 await term.lease.release()
-            if self.presence is not None:
+            if self.presence is not None and len(self.terms) > 1:
                 await self.presence.withdraw()
         if self.mirror is not None:
             await self.mirror.stop()
