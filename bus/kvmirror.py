@@ -2,6 +2,8 @@
 
 Values are parsed once, on arrival or (with no `on_change`) when the copy is next read; `barrier`
 waits for every write made so far, and a watchdog re-synchronises a copy whose follower stalled.
+A reload (after a resync, a lost consumer or a pause) tells `on_change` what changed meanwhile,
+and drops the keys removed meanwhile.
 The bucket's single writer may pause the follower and `remember` its own writes instead (as
 values, or as the bytes it wrote, parsed only when the copy is next read).
 """
@@ -13,6 +15,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable, ItemsView, ValuesView
+from dataclasses import dataclass, field
 from typing import Generic, TypeAlias, TypeVar
 
 from nats.aio.msg import Msg
@@ -56,6 +59,15 @@ OnChange = Callable[[str, T | None, T | None], None]
 _Unparsed: TypeAlias = "tuple[bytes, int, _Unparsed | int, int]"
 
 
+@dataclass
+class _Reload:
+    """A load into a copy that holds values already: the keys it delivered, and the newest
+    revision before its consumer was made (a key remembered later may be delivered later)."""
+
+    upto: int
+    seen: set[str] = field(default_factory=set)
+
+
 class _ConsumerGone(Exception):
     """The follower's consumer no longer exists (the server restarted, or it was removed)."""
 
@@ -64,8 +76,9 @@ class KvMirror(Generic[T]):
     """Every key of one bucket, parsed by `parse(key, value)` (None: skip and log).
 
     `on_change(key, before, after)` runs for every change the follower delivers after the
-    initial load (after None: deleted), in revision order. Without it, followed values are
-    kept as bytes and parsed when the copy is next read.
+    initial load (after None: deleted), in revision order, and on a reload for every key that
+    changed or went away meanwhile. Without it, followed values are kept as bytes and parsed
+    when the copy is next read.
     """
 
     def __init__(
@@ -95,6 +108,8 @@ class KvMirror(Generic[T]):
         self._short_of: int | None = None  # a newest revision `start` found undeliverable
         self._checked_at = -1
         self._loading = False
+        self._loaded_once = False  # later loads are reloads: see `_Reload`
+        self._reload: _Reload | None = None
         self._consumer: str | None = None
         self._feed: PullFeed | None = None
         self._follow: asyncio.Task[None] | None = None
@@ -196,6 +211,7 @@ class KvMirror(Generic[T]):
         self._follow = asyncio.create_task(self._follow_updates(feed, loaded))
         await asyncio.wait_for(self._loaded_up_to(target, loaded), timeout)
         self._loading = False
+        self._loaded_once = True
 
     async def _loaded_up_to(self, target: int, loaded: asyncio.Event) -> None:
         # A consumer's load can end without the newest revision: a newest message purged away
@@ -219,6 +235,7 @@ class KvMirror(Generic[T]):
         # Unique per start: a resync or a restarted process never meets an old one (left to
         # the server's inactivity threshold if our `stop` could not delete it).
         name = f"kvmirror-{uuid.uuid4().hex}"
+        self._reload = _Reload(await self._last_revision()) if self._loaded_once else None
         self._consumer = name  # before it exists: a `stop` meanwhile still deletes it
         info = await self._js.add_consumer(
             self._stream,
@@ -234,7 +251,7 @@ class KvMirror(Generic[T]):
         )
         # Counted before anything was delivered (nothing is, before the first pull request).
         if not info.num_pending:
-            loaded.set()
+            self._end_load(loaded)
         feed = PullFeed(self._nc, self._stream, name, batch=_BATCH, api_prefix=self._api_prefix)
         self._feed = feed
         await feed.start()
@@ -345,7 +362,7 @@ class KvMirror(Generic[T]):
             self.resyncs += 1
             await self._unsubscribe()
             if loaded.is_set():
-                loaded = asyncio.Event()  # as after `resync`: a reload's changes are not told
+                loaded = asyncio.Event()  # a reload, as after `resync`
             while True:
                 await asyncio.sleep(retry_s)
                 if self._nc.is_closed:
@@ -399,17 +416,44 @@ class KvMirror(Generic[T]):
             self._log.info("kv_mirror_consumer_unknown", error=repr(exc))
             return
         if not loaded.is_set() and not info.num_pending and not feed.buffered:
-            loaded.set()
+            self._end_load(loaded)
 
     def _take_loading(self, msgs: list[Msg], loaded: asyncio.Event) -> None:
-        """Deliveries of the initial load, one by one: the one nothing follows ends it."""
+        """Deliveries of a load, one by one: the one nothing follows ends it. The first load
+        tells `on_change` nothing (its caller reads the copy); a reload tells what changed."""
         revision = 0
+        reload = self._reload
         for msg in msgs:
             revision, waiting = seq_and_waiting(msg.reply)
-            self._take(msg, revision, notify=loaded.is_set())
+            if reload is not None and not loaded.is_set():
+                reload.seen.add(msg.subject[self._key_at :])
+            self._take(msg, revision, notify=reload is not None or loaded.is_set())
             if waiting == 0:
-                loaded.set()
+                self._end_load(loaded)
         self._applied = max(self._applied, revision)
+
+    def _end_load(self, loaded: asyncio.Event) -> None:
+        """The load delivered all it had: a reload's keys it did not deliver were removed
+        meanwhile (deleted, then purged), so this copy drops them too."""
+        loaded.set()
+        reload, self._reload = self._reload, None
+        if reload is None:
+            return
+        gone = [
+            key
+            for key, revision in self._revisions.items()
+            if revision <= reload.upto and key not in reload.seen
+        ]
+        for key in gone:
+            self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        self._revisions.pop(key, None)
+        self._encoded.pop(key, None)
+        self._unparsed.pop(key, None)
+        before = self._values.pop(key, None)
+        if before is not None and self._on_change is not None:
+            self._on_change(key, before, None)
 
     def _take_parsed(self, msgs: list[Msg]) -> None:
         revision = 0

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy
+from nats.js.kv import KeyValue
 
 from bus import kvmirror
 from bus.client import open_connection
@@ -422,6 +423,80 @@ async def test_a_failing_on_change_is_logged_and_the_follower_starts_over(
         await _eventually(lambda: mirror.resyncs == 1, "a new consumer")
         await kv.put("b", b"2")
         assert await mirror.barrier(5.0) and mirror.get("b") == "2" and mirror.get("a") == "1"
+        await mirror.stop()
+    finally:
+        await nc.close()
+
+
+# -- reloads: what changed while the follower was away ---------------------------------------
+
+
+async def _change_while_away(kv: KeyValue, js: JetStreamContext, bucket: str) -> None:
+    """a changed, b deleted (its marker stays), gone deleted and purged away, d new."""
+    await kv.put("a", b"2")
+    await kv.delete("b")
+    await kv.delete("gone")
+    await js.purge_stream(f"KV_{bucket}", subject=f"$KV.{bucket}.gone")
+    await kv.put("d", b"1")
+
+
+async def _fill(kv: KeyValue) -> None:
+    for key in ("a", "b", "c", "gone"):
+        await kv.put(key, b"1")
+
+
+EXPECTED_TOLD = [("a", "1", "2"), ("b", "1", None), ("d", None, "1"), ("gone", "1", None)]
+
+
+@pytest.mark.parametrize("told", [False, True], ids=["lazy", "on_change"])
+async def test_a_resumed_copy_is_told_what_changed_while_paused_and_drops_purged_keys(
+    hub: NatsServerProcess, told: bool
+) -> None:
+    nc = await open_connection(NatsConfig.from_url(hub.url, name="kvmirror-reload"))
+    changes: list[tuple[str, str | None, str | None]] = []
+    try:
+        js = nc.jetstream()
+        bucket = f"RELOAD{int(told)}"
+        kv = await ensure_kv(js, KvSpec(bucket=bucket))
+        await _fill(kv)
+        on_change = (lambda *change: changes.append(change)) if told else None
+        mirror: KvMirror[str] = KvMirror(js, kv, bucket, _text, on_change)
+        await mirror.start()
+        assert changes == [] and len(mirror) == 4  # the first load is read, not told
+        await mirror.pause()
+        await _change_while_away(kv, js, bucket)
+        await mirror.resume()
+        assert dict(mirror.items()) == {"a": "2", "c": "1", "d": "1"}
+        assert mirror.revision("gone") == 0
+        assert sorted(changes) == (EXPECTED_TOLD if told else [])
+        await kv.put("gone", b"back")  # a purged key written again is a new key
+        assert await mirror.barrier(5.0) and mirror.get("gone") == "back"
+        if told:
+            assert changes[-1] == ("gone", None, "back")
+        await mirror.stop()
+    finally:
+        await nc.close()
+
+
+async def test_a_replaced_consumer_tells_what_changed_meanwhile(hub: NatsServerProcess) -> None:
+    """Changes made while the follower's consumer is gone are told (by its reload) as if it
+    had followed them."""
+    nc = await open_connection(NatsConfig.from_url(hub.url, name="kvmirror-reload-lost"))
+    changes: list[tuple[str, str | None, str | None]] = []
+    try:
+        js = nc.jetstream()
+        kv = await ensure_kv(js, KvSpec(bucket="RELOADLOST"))
+        await _fill(kv)
+        mirror: KvMirror[str] = KvMirror(
+            js, kv, "RELOADLOST", _text, lambda *change: changes.append(change)
+        )
+        await mirror.start()
+        [consumer] = await _consumers(js, "RELOADLOST")
+        await js.delete_consumer("KV_RELOADLOST", consumer)
+        await _change_while_away(kv, js, "RELOADLOST")
+        await _eventually(lambda: mirror.resyncs == 1 and len(changes) >= 4, "four changes told")
+        assert sorted(changes) == EXPECTED_TOLD
+        assert dict(mirror.items()) == {"a": "2", "c": "1", "d": "1"}
         await mirror.stop()
     finally:
         await nc.close()

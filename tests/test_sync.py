@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 
 from bus import subjects
 from bus.client import Bus, RemoteError
+from bus.streams import CONFIG_LAYERS_KV
 from edge_agent.config import AgentConfig
 from edge_agent.onboarding import onboard
 from edge_agent.runtime import EdgeAgent
@@ -201,6 +202,26 @@ async def test_layers_reach_exactly_the_targeted_sites(fleet: Fleet) -> None:
 
     await wait_until(lambda: dedup_field(s1) == "msg", 15, "message id field not applied")
     assert dedup_field(s2) is None and dedup_field(s3) is None
+
+
+async def test_a_layer_written_while_the_follower_was_away_still_reaches_the_sites(
+    fleet: Fleet,
+) -> None:
+    """Another replica writes a layer while this one's copy of the layers is not following
+    (its consumer lost, a reconnect): the reload tells the service, whose audit pushes it."""
+    s1 = await fleet.add("s1")
+    await fleet.set("ingest", max_payload_bytes=1000)
+    await wait_until(lambda: limit(s1) == 1000, 15, "global not applied")
+    layers = fleet.sync.layers
+    assert layers is not None
+    [(key, stored)] = list(layers.items())
+    await layers.pause()
+    kv = await fleet.operator.js.key_value(CONFIG_LAYERS_KV.bucket)
+    written = stored.model_copy(update={"values": {**stored.values, "max_payload_bytes": 1500}})
+    await kv.put(key, written.model_dump_json().encode())  # as another replica would
+    await layers.resume()
+    await wait_until(lambda: limit(s1) == 1500, 15, "the other replica's layer not applied")
+    await fleet.wait_in_sync()
 
 
 async def test_a_preview_shows_which_sites_change_and_how(fleet: Fleet) -> None:
