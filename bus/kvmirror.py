@@ -532,16 +532,29 @@ class KvMirror(Generic[T]):
             self._settle(key, self._unparsed.pop(key))
             if revision <= self._revisions.get(key, 0):
                 return
+        known = self._revisions.get(key)
         self._revisions[key] = revision
         self._encoded.pop(key, None)  # older than this
         self._unparsed.pop(key, None)
         before = self._values.get(key)
+        self._put(key, value)
+        if notify and self._on_change is not None:
+            try:
+                self._on_change(key, before, value)
+            except BaseException:
+                # Not taken, so the follower's restart delivers it again and tells it again.
+                self._put(key, before)
+                if known is None:
+                    self._revisions.pop(key, None)
+                else:
+                    self._revisions[key] = known
+                raise
+
+    def _put(self, key: str, value: T | None) -> None:
         if value is None:
             self._values.pop(key, None)
         else:
             self._values[key] = value
-        if notify and self._on_change is not None:
-            self._on_change(key, before, value)
 
 
 def _deleted(msg: Msg) -> bool | None:

@@ -409,10 +409,12 @@ async def test_a_failing_on_change_is_logged_and_the_follower_starts_over(
 ) -> None:
     nc = await open_connection(NatsConfig.from_url(hub.url, name="kvmirror-failing"))
     failures = [RuntimeError("a bug in the callback")]
+    told: list[tuple[str, str | None, str | None]] = []
 
     def on_change(key: str, before: str | None, after: str | None) -> None:
         if failures:
             raise failures.pop()
+        told.append((key, before, after))
 
     try:
         js = nc.jetstream()
@@ -423,6 +425,8 @@ async def test_a_failing_on_change_is_logged_and_the_follower_starts_over(
         await _eventually(lambda: mirror.resyncs == 1, "a new consumer")
         await kv.put("b", b"2")
         assert await mirror.barrier(5.0) and mirror.get("b") == "2" and mirror.get("a") == "1"
+        # The change whose callback failed was not taken: the reload told it again.
+        assert told == [("a", None, "1"), ("b", None, "2")]
         await mirror.stop()
     finally:
         await nc.close()
