@@ -39,8 +39,16 @@ from edge_agent.ingest.worker import IngestTuning, IngestWorker
 from edge_agent.logship import LogShipper
 from edge_agent.replay.monitor import ReplayMonitor
 from edge_agent.status.responder import StatusResponder, StatusSources
-from edge_agent.sync import AppliedStore, Applier, ConfigSync, SyncTuning, store_dir
+from edge_agent.sync import (
+    AppliedStore,
+    Applier,
+    ConfigSync,
+    SyncTuning,
+    store_dir,
+)
+from schemas.alarms import AlarmRulesConfig
 from schemas.devices import IngestConfig
+from schemas.logs import LogConfig
 from schemas.site import ReplayLogConfig
 
 RunFn = Callable[[asyncio.Event], Awaitable[None]]
@@ -220,7 +228,7 @@ class EdgeAgent:
             bus,
             self.site,
             AppliedStore(store_dir(config.data_dir)).load(),
-            self._appliers(),
+            self.config_appliers(),
             self.alarms,
             SyncTuning(report_interval_s=config.sync_report_interval_s),
         )
@@ -241,7 +249,7 @@ class EdgeAgent:
             [("status", self.status.run)],
         ]
 
-    def _appliers(self) -> list[Applier]:
+    def config_appliers(self) -> list[Applier]:
         """How each config kind from the center takes effect in this agent."""
 
         async def ingest(config: IngestConfig) -> None:
@@ -272,9 +280,19 @@ class EdgeAgent:
                 )
             )
 
+        async def alarm_rules(config: AlarmRulesConfig) -> None:
+            assert self.rule_engine is not None
+            self.rule_engine.apply_config(config)
+
+        async def log(config: LogConfig) -> None:
+            assert self.log_shipper is not None
+            self.log_shipper.apply_config(config)
+
         return [
             Applier("ingest", IngestConfig, ingest),
             Applier("replay", ReplayLogConfig, replay),
+            Applier("alarm_rules", AlarmRulesConfig, alarm_rules),
+            Applier("log", LogConfig, log),
         ]
 
     def _device_count(self) -> int:

@@ -54,6 +54,22 @@ REFRESH_S = 1.0
 CONTROLLER_READY_TIMEOUT_S = 45.0
 SITE_STOP_TIMEOUT_S = 25.0  # a site supervisor stops its agent, then its server
 STOP_TIMEOUT_S = 10.0
+# The demo group's alarm rule: the simulated temperatures swing 18-24 °C over two minutes
+# (`edgebus.devices`), so each device raises it, then clears it, once a cycle.
+DEMO_ALARM_RULES: dict[str, Any] = {
+    "rules": [
+        {
+            "kind": "threshold",
+            "id": "warm",
+            "channel": "temp",
+            "path": "value",
+            "raise_at": 23.5,
+            "clear_at": 22.5,
+            "severity": "major",
+            "text": "temperature above 23.5",
+        }
+    ]
+}
 
 
 class DemoError(RuntimeError):
@@ -273,15 +289,14 @@ class Demo:
         )
 
     async def _start_sync(self) -> None:
-        """The config-sync service, and a first config for the demo group: each site gets it
-        in its onboarding reply and `edgebus sync status` shows it in sync."""
+        """The config-sync service, and a first config for the demo group (ingest limits and
+        an alarm rule): each site gets it in its onboarding reply and `edgebus sync status`
+        shows it in sync."""
         sync = self._spawn("sync", self.center.sync_argv(self.options.tuning))
         assert self.bus is not None
+        group = Target(scope=Scope.GROUP, name="demo")
         change = ConfigSet(
-            kind="ingest",
-            target=Target(scope=Scope.GROUP, name="demo"),
-            values={"max_payload_bytes": 16 * 1024},
-            actor="demo",
+            kind="ingest", target=group, values={"max_payload_bytes": 16 * 1024}, actor="demo"
         )
         deadline = time.monotonic() + CONTROLLER_READY_TIMEOUT_S
         while True:
@@ -297,7 +312,12 @@ class Demo:
                         f" ({type(exc).__name__}); its log:\n{sync.log_tail()}"
                     ) from None
             await self._until_stopped(0.2)
-        self._say(f"config sync up (pid {sync.pid}): ingest config rev {result.rev} for group demo")
+        rules = ConfigSet(kind="alarm_rules", target=group, values=DEMO_ALARM_RULES, actor="demo")
+        await set_config(self.bus, rules, timeout=10.0)
+        self._say(
+            f"config sync up (pid {sync.pid}): ingest config rev {result.rev} for group demo;"
+            " alarm rule 'warm' (temp >= 23.5 raises, <= 22.5 clears)"
+        )
 
     def _start_alarms(self) -> None:
         """The alarms service: `edgebus alarms list` and the HEALTH of `edgebus sites list`."""

@@ -13,6 +13,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.catalog import config_kind as register_config_kind
 from schemas.catalog import event
 from schemas.envelope import EventData
 
@@ -346,6 +347,7 @@ class RateRule(_Rule):
 AlarmRule = Annotated[ThresholdRule | SilenceRule | RateRule, Field(discriminator="kind")]
 
 
+@register_config_kind("alarm_rules")
 class AlarmRulesConfig(BaseModel):
     """The alarm rules a site evaluates on its own device readings (config kind
     `alarm_rules`). Rules are keyed by id: a new config that drops a rule clears its alarms."""

@@ -108,6 +108,8 @@ def test_demo_runs_two_onboarded_sites_with_readings_and_stops_everything(
         state = summary["sites"][site]
         assert state["onboarded"] and state["ever_online"], (site, state)
         assert state["version"] and state["devices"] == 3, (site, state)
+        # Both kinds the demo sets for its group (ingest, alarm_rules) are applied.
+        assert state["config_sync"] == "in-sync", (site, state)
         assert state["devices_sent"] > 0, (site, state)
         assert state["readings_at_center"] > 0, (site, state)
         # The center never holds more than the devices had acknowledged by the site.

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from nats.aio.msg import Msg
 
+from bus import log as bus_log
 from bus import subjects
 from bus.client import Bus, RemoteError
 from bus.streams import CONFIG_LAYERS_KV
@@ -30,6 +31,7 @@ from edgebus.site import seed_config
 from schemas.alarms import alarm_id
 from schemas.bootstrap import BootstrapToken
 from schemas.controller import SitesAdd, SitesAdded
+from schemas.devices import DeviceReading
 from schemas.sync import (
     ConfigDesired,
     ConfigGet,
@@ -202,6 +204,41 @@ async def test_layers_reach_exactly_the_targeted_sites(fleet: Fleet) -> None:
 
     await wait_until(lambda: dedup_field(s1) == "msg", 15, "message id field not applied")
     assert dedup_field(s2) is None and dedup_field(s3) is None
+
+
+async def test_alarm_rules_and_log_levels_arrive_through_config_sync(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edge alarm rules and the log ship level are set at the center, for one site."""
+    # Applying a `log` config sets this (test) process's printed level: restored after.
+    monkeypatch.setattr(bus_log._levels, "printed", bus_log._levels.printed)
+    s1 = await fleet.add("s1")
+    s2 = await fleet.add("s2")
+    rule = {"kind": "threshold", "id": "hot", "channel": "temp", "path": "t", "raise_at": 80}
+    site = Target(scope=Scope.SITE, name="s1")
+    result = await fleet.set("alarm_rules", site, rules=[{**rule, "clear_at": 70}])
+    assert result.changed == 1
+    assert (await fleet.set("log", site, ship_level="error")).changed == 1
+    await fleet.wait_in_sync()
+    assert s1.rule_engine is not None and s2.rule_engine is not None
+    assert [r.id for r in s1.rule_engine.config.rules] == ["hot"]
+    assert s2.rule_engine.config.rules == []  # not targeted
+    assert s1.log_shipper is not None and s1.log_shipper.queue.ship_level == "error"
+    assert s2.log_shipper is not None and s2.log_shipper.queue.ship_level == "warning"
+
+    assert s1.bus is not None and s1.alarms is not None
+    active = s1.alarms.active
+
+    async def send(value: float) -> None:
+        assert s1.bus is not None
+        reading = DeviceReading(site="s1", device="d1", channel="temp", payload={"t": value})
+        await s1.bus.publish(subjects.site_readings("s1", "d1", "temp"), s1.bus.event(reading))
+
+    hot = alarm_id("s1", "d1", "hot")
+    await send(91)
+    await wait_until(lambda: hot in {a.alarm_id for a in active()}, 10, "the rule did not raise")
+    await send(60)
+    await wait_until(lambda: hot not in {a.alarm_id for a in active()}, 10, "did not clear")
 
 
 async def test_a_layer_written_while_the_follower_was_away_still_reaches_the_sites(

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
+from edge_agent.config import AgentConfig
+from edge_agent.runtime import EdgeAgent
 from edgebus.config_cli import ConfigCommandError, parse_assignments, target_from
 from schemas.sync import (
     AppliedKind,
@@ -196,6 +199,14 @@ def test_effective_configs_are_cached_by_the_layers_merged() -> None:
     assert desired.for_site(MEMBERS[3], "limits") is first  # same layers, same object
     desired.put("limits.all", None, 9)  # deleted
     assert desired.for_site(MEMBERS[0], "limits").config["size"] == 10
+
+
+def test_the_agent_applies_every_config_kind_the_center_accepts(tmp_path: Path) -> None:
+    """A kind the center accepts but no agent applies would be set, sent, and fail at
+    every site (as `alarm_rules` and `log` once did)."""
+    agent = EdgeAgent(AgentConfig(site="s1", nats_url="nats://127.0.0.1:4222", data_dir=tmp_path))
+    applied = {applier.kind: applier.model for applier in agent.config_appliers()}
+    assert applied == config_kinds()
 
 
 def test_every_registered_kind_has_defaults_that_validate() -> None:
