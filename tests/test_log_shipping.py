@@ -26,6 +26,7 @@ from bus import log as buslog
 from bus.client import Bus
 from bus.config import NatsConfig
 from bus.log import get_logger
+from bus.natsserver import NatsServerProcess
 from bus.replaylog import STREAM, ReplayLog
 from bus.streams import (
     ReplayFullPolicy,
@@ -38,6 +39,7 @@ from bus.streams import (
 from bus.testing import EdgeTopology
 from edge_agent.logship import LogShipper, ShipTuning
 from edge_agent.logship.queue import SHIPPER_COMPONENT
+from edgebus.logs import CaughtUp, LogQuery, ShippedLog, read_logs
 from schemas import REGISTRY
 from schemas.logs import LogConfig, LogLevel, LogRecord
 from tests.siterig import AgentProcess, observer, wait_agent_up, wait_until
@@ -304,3 +306,35 @@ async def test_records_logged_offline_reach_the_center_with_their_own_time(
         await agent.stop()
         await local.close()
         await hub.close()
+
+
+async def test_follow_prints_the_backlog_then_each_record_as_it_arrives(
+    hub: NatsServerProcess,
+) -> None:
+    """`edgebus logs --follow`: the stored records, `CaughtUp`, then new ones live."""
+    bus = await Bus.connect(NatsConfig.from_url(hub.url, name="logs-follow"), scope="center")
+    try:
+        await ensure_uplink_streams(bus.js)
+
+        async def ship(message: str, level: LogLevel = LogLevel.WARNING) -> None:
+            record = LogRecord(
+                site=SITE, level=level, logger="test", message=message, timestamp=datetime.now(UTC)
+            )
+            await bus.publish_js(f"up.{SITE}.log.{level.value}", bus.event(record))
+
+        await ship("before")
+        await ship("too quiet", LogLevel.INFO)  # below the asked level: never shown
+        query = LogQuery(since=datetime.now(UTC) - timedelta(minutes=1), level="warning")
+        items = read_logs(bus.js, query, follow=True)
+        try:
+            first = await asyncio.wait_for(anext(items), 10)
+            assert isinstance(first, ShippedLog) and first.record.message == "before"
+            assert isinstance(await asyncio.wait_for(anext(items), 10), CaughtUp)
+            await ship("live")
+            live = await asyncio.wait_for(anext(items), 10)
+            assert isinstance(live, ShippedLog) and live.record.message == "live"
+        finally:
+            await items.aclose()
+        assert (await bus.js.consumers_info("UP_LOG")) == []  # its consumer went with it
+    finally:
+        await bus.close()
