@@ -448,12 +448,19 @@ class KvMirror(Generic[T]):
             self._forget(key)
 
     def _forget(self, key: str) -> None:
-        self._revisions.pop(key, None)
+        revision = self._revisions.pop(key, None)
         self._encoded.pop(key, None)
         self._unparsed.pop(key, None)
         before = self._values.pop(key, None)
-        if before is not None and self._on_change is not None:
+        if before is None or self._on_change is None:
+            return
+        try:
             self._on_change(key, before, None)
+        except BaseException:  # as in `_store`: kept, so the next reload tells it again
+            self._values[key] = before
+            if revision is not None:
+                self._revisions[key] = revision
+            raise
 
     def _take_parsed(self, msgs: list[Msg]) -> None:
         revision = 0

@@ -504,3 +504,31 @@ async def test_a_replaced_consumer_tells_what_changed_meanwhile(hub: NatsServerP
         await mirror.stop()
     finally:
         await nc.close()
+
+
+async def test_a_removal_whose_on_change_failed_is_told_again(hub: NatsServerProcess) -> None:
+    nc = await open_connection(NatsConfig.from_url(hub.url, name="kvmirror-gone-failing"))
+    failures = [RuntimeError("a bug in the callback")]
+    changes: list[tuple[str, str | None, str | None]] = []
+
+    def on_change(key: str, before: str | None, after: str | None) -> None:
+        if key == "gone" and failures:
+            raise failures.pop()
+        changes.append((key, before, after))
+
+    try:
+        js = nc.jetstream()
+        kv = await ensure_kv(js, KvSpec(bucket="GONEFAIL"))
+        await _fill(kv)
+        mirror: KvMirror[str] = KvMirror(js, kv, "GONEFAIL", _text, on_change)
+        await mirror.start()
+        await mirror.pause()
+        await kv.delete("gone")
+        await js.purge_stream("KV_GONEFAIL", subject="$KV.GONEFAIL.gone")
+        await kv.put("d", b"1")  # a newest revision that can be delivered: no load grace
+        await mirror.resume()  # its reload's callback fails: the follower starts over
+        await _eventually(lambda: ("gone", "1", None) in changes, "the removal told again")
+        assert mirror.resyncs == 1 and mirror.get("gone") is None and len(mirror) == 4
+        await mirror.stop()
+    finally:
+        await nc.close()
