@@ -251,7 +251,7 @@ class KvMirror(Generic[T]):
         )
         # Counted before anything was delivered (nothing is, before the first pull request).
         if not info.num_pending:
-            self._end_load(loaded)
+            await self._end_load(loaded)
         feed = PullFeed(self._nc, self._stream, name, batch=_BATCH, api_prefix=self._api_prefix)
         self._feed = feed
         await feed.start()
@@ -391,7 +391,8 @@ class KvMirror(Generic[T]):
                 continue
             heard_at = time.monotonic()
             if not loaded.is_set():
-                self._take_loading(msgs, loaded)
+                if self._take_loading(msgs):
+                    await self._end_load(loaded)
             elif self._on_change is None:
                 self._take_unparsed(msgs)
             else:
@@ -416,36 +417,46 @@ class KvMirror(Generic[T]):
             self._log.info("kv_mirror_consumer_unknown", error=repr(exc))
             return
         if not loaded.is_set() and not info.num_pending and not feed.buffered:
-            self._end_load(loaded)
+            await self._end_load(loaded)
 
-    def _take_loading(self, msgs: list[Msg], loaded: asyncio.Event) -> None:
-        """Deliveries of a load, one by one: the one nothing follows ends it. The first load
-        tells `on_change` nothing (its caller reads the copy); a reload tells what changed."""
-        revision = 0
+    def _take_loading(self, msgs: list[Msg]) -> bool:
+        """Deliveries of a load, one by one; True if one nothing follows ended it. The first
+        load tells `on_change` nothing (its caller reads the copy); a reload tells what
+        changed, and whatever follows the end is told as followed."""
+        revision, ended = 0, False
         reload = self._reload
         for msg in msgs:
             revision, waiting = seq_and_waiting(msg.reply)
-            if reload is not None and not loaded.is_set():
+            if reload is not None:
                 reload.seen.add(msg.subject[self._key_at :])
-            self._take(msg, revision, notify=reload is not None or loaded.is_set())
-            if waiting == 0:
-                self._end_load(loaded)
+            self._take(msg, revision, notify=reload is not None or ended)
+            ended = ended or waiting == 0
         self._applied = max(self._applied, revision)
+        return ended
 
-    def _end_load(self, loaded: asyncio.Event) -> None:
-        """The load delivered all it had: a reload's keys it did not deliver were removed
-        meanwhile (deleted, then purged), so this copy drops them too."""
-        loaded.set()
+    async def _end_load(self, loaded: asyncio.Event) -> None:
+        """The load delivered all it had. A key a reload did not deliver was removed meanwhile
+        (deleted, then purged), unless it was written again during the load: the server skips
+        a key's last revision replaced (history 1) after the consumer was made, and the new
+        one may come after the load's end. So each such key is looked up before it is dropped."""
         reload, self._reload = self._reload, None
-        if reload is None:
-            return
-        gone = [
-            key
-            for key, revision in self._revisions.items()
-            if revision <= reload.upto and key not in reload.seen
-        ]
-        for key in gone:
-            self._forget(key)
+        if reload is not None:
+            unseen = [
+                key
+                for key, revision in self._revisions.items()
+                if revision <= reload.upto and key not in reload.seen
+            ]
+            for key in unseen:
+                if not await self._stored(key):
+                    self._forget(key)
+        loaded.set()
+
+    async def _stored(self, key: str) -> bool:
+        try:
+            await self._js.get_last_msg(self._stream, self._filter[:-1] + key)
+        except NotFoundError:
+            return False
+        return True
 
     def _forget(self, key: str) -> None:
         revision = self._revisions.pop(key, None)
