@@ -31,6 +31,7 @@ from bus.streams import (
 )
 from edge_agent.alarms.engine import AlarmRuleEngine
 from edge_agent.alarms.local import LocalAlarms
+from edge_agent.alarms.store import ActiveAlarmStore, alarms_dir
 from edge_agent.config import AgentConfig
 from edge_agent.heartbeat import HeartbeatSender, agent_heartbeat
 from edge_agent.ingest.bridge import MqttBridge
@@ -200,7 +201,9 @@ class EdgeAgent:
         """Every part, in groups stopped in this order: heartbeat and inputs first, status last."""
         config = self.config
         self.ingest = IngestWorker(bus, replay_log, config, ingest_tuning(config))
-        self.alarms = LocalAlarms(bus, replay_log, self.site)
+        self.alarms = LocalAlarms(
+            bus, replay_log, self.site, store=ActiveAlarmStore(alarms_dir(config.data_dir))
+        )
         self.rule_engine = AlarmRuleEngine(bus, self.site, self.alarms, config.alarm_rules)
         self.log_shipper = LogShipper(bus, replay_log, self.site, ship_level=config.log_ship_level)
         self.forwarder = Forwarder(

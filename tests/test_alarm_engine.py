@@ -139,6 +139,23 @@ async def test_rate_above_limit_raises_then_a_calm_window_clears(rig: Rig) -> No
     await wait_until(lambda: not rig.active(), 5, "a calm window clears it")
 
 
+async def test_alarms_raised_before_a_restart_are_adopted_and_cleared_by_every_rule_kind(
+    rig: Rig,
+) -> None:
+    """LocalAlarms restored them (an earlier agent raised them): the rules owe their clears."""
+    for device, cause in (("d1", "hot"), ("d3", "chatty"), ("d7", "quiet")):
+        await rig.alarms.raise_(device, cause, Severity.MAJOR, "before the restart")
+    chatty = RateRule(id="chatty", max_events=5, window_s=0.3)
+    quiet = SilenceRule(id="quiet", device="d7", after_s=30)
+    rig.engine.apply_config(AlarmRulesConfig(rules=[HOT, chatty, quiet]))
+    await asyncio.sleep(0.2)
+    await rig.reading("d1", "temp", t=60)  # below clear_at: the threshold clears
+    await rig.reading("d3", "temp", n=1)  # one reading in a window: calm
+    await rig.reading("d7", "temp", n=1)  # the silent device is heard
+    await settled(rig)
+    await wait_until(lambda: not rig.active(), 5, lambda: f"still active: {rig.active()}")
+
+
 async def test_a_removed_rule_clears_its_alarms_and_a_bad_config_changes_nothing(rig: Rig) -> None:
     any_channel = ThresholdRule(id="hot", path="t", raise_at=80, clear_at=70)  # every device
     rig.engine.apply_config(AlarmRulesConfig(rules=[any_channel]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from nats.aio.msg import Msg
@@ -20,6 +21,7 @@ from bus.streams import ReplayFullPolicy, StreamSpec, site_replay_stream
 from bus.testing import EdgeTopology
 from edge_agent.alarms import LocalAlarms
 from edge_agent.alarms.local import replay_key
+from edge_agent.alarms.store import ActiveAlarmStore
 from schemas import REGISTRY, new_event
 from schemas.alarms import AlarmCleared, AlarmRaised, Severity
 from schemas.devices import DeviceReading
@@ -160,3 +162,25 @@ async def test_pending_list_is_bounded(edge_topology: EdgeTopology) -> None:
         assert len(alarms.active()) == 5
     finally:
         await s.bus.close()
+
+
+async def test_a_restarted_agent_remembers_its_active_alarms_and_still_clears_them(
+    roomy: Setup, tmp_path: Path
+) -> None:
+    store = ActiveAlarmStore(tmp_path / "alarms")
+    before = LocalAlarms(roomy.bus, roomy.log, SITE, store=store)
+    assert await before.raise_("pump-1", "overheat", Severity.CRITICAL, "95 C")
+    assert await before.raise_("pump-2", "overheat", Severity.MAJOR, "85 C")
+    assert await before.clear("pump-2", "overheat", "70 C")
+    raised_id = before._raised["s1/pump-1/overheat"].id
+
+    after = LocalAlarms(roomy.bus, roomy.log, SITE, store=store)  # as a restarted agent
+    assert [a.alarm_id for a in after.active()] == ["s1/pump-1/overheat"]
+    assert after.is_active("pump-1", "overheat") and not after.is_active("pump-2", "overheat")
+    assert after._raised["s1/pump-1/overheat"].id == raised_id  # a re-sent copy is one event
+    assert not await after.raise_("pump-1", "overheat", Severity.CRITICAL, "96 C")  # idempotent
+    assert await after.clear("pump-1", "overheat", "back to 60 C")  # its clear still goes out
+    _, last = (await logged(roomy))[-1]
+    cleared = REGISTRY.decode(last).data
+    assert isinstance(cleared, AlarmCleared) and cleared.alarm_id == "s1/pump-1/overheat"
+    assert LocalAlarms(roomy.bus, roomy.log, SITE, store=store).active() == []

@@ -8,7 +8,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 from bus import log as bus_log
 from bus import subjects
 from bus.client import Bus, RemoteError
-from bus.streams import CONFIG_LAYERS_KV
+from bus.streams import CONFIG_LAYERS_KV, ensure_uplink_streams
 from edge_agent.config import AgentConfig
 from edge_agent.onboarding import onboard
 from edge_agent.runtime import EdgeAgent
@@ -229,16 +229,62 @@ async def test_alarm_rules_and_log_levels_arrive_through_config_sync(
     assert s1.bus is not None and s1.alarms is not None
     active = s1.alarms.active
 
-    async def send(value: float) -> None:
-        assert s1.bus is not None
-        reading = DeviceReading(site="s1", device="d1", channel="temp", payload={"t": value})
-        await s1.bus.publish(subjects.site_readings("s1", "d1", "temp"), s1.bus.event(reading))
-
     hot = alarm_id("s1", "d1", "hot")
-    await send(91)
+    await send_temp(s1, 91)
     await wait_until(lambda: hot in {a.alarm_id for a in active()}, 10, "the rule did not raise")
-    await send(60)
+    await send_temp(s1, 60)
     await wait_until(lambda: hot not in {a.alarm_id for a in active()}, 10, "did not clear")
+
+
+async def test_an_alarm_raised_before_an_agent_restart_is_cleared_after_it(fleet: Fleet) -> None:
+    """The condition ends while the agent is down: the restarted agent still owes the clear,
+    and the center gets it (else the center would show the alarm active for good)."""
+    await ensure_uplink_streams(fleet.operator.js)
+    await fleet.add("s1")
+    rule = {"kind": "threshold", "id": "hot", "channel": "temp", "path": "t", "raise_at": 80}
+    await fleet.set("alarm_rules", rules=[{**rule, "clear_at": 70}])
+    await fleet.wait_in_sync()
+    hot = alarm_id("s1", "d1", "hot")
+
+    def active(agent: EdgeAgent) -> set[str]:
+        return {a.alarm_id for a in agent.alarms.active()} if agent.alarms else set()
+
+    async def at_center() -> list[str]:
+        js = fleet.operator.js
+        state = (await js.stream_info("UP_ALARM")).state
+        names = []
+        for seq in range(state.first_seq, state.last_seq + 1):
+            event = fleet.operator.registry.decode((await js.get_msg("UP_ALARM", seq)).data or b"")
+            if getattr(event.data, "alarm_id", None) == hot:
+                names.append(type(event.data).__name__)
+        return names
+
+    s1 = fleet.agents["s1"]
+    await send_temp(s1, 91)
+    await wait_until(lambda: hot in active(s1), 10, "not raised")
+    await wait_until(
+        lambda: _eq(at_center(), ["AlarmRaised"]), 15, "the raise did not reach the center"
+    )
+    await fleet.stop_agent("s1")
+    s1 = await fleet.start_agent("s1")
+    assert hot in active(s1)  # remembered
+    await send_temp(s1, 60)
+    await wait_until(lambda: hot not in active(s1), 10, "not cleared after the restart")
+    await wait_until(
+        lambda: _eq(at_center(), ["AlarmRaised", "AlarmCleared"]), 15, "no clear at the center"
+    )
+
+
+async def _eq(names: Awaitable[list[str]], expected: list[str]) -> bool:
+    return await names == expected
+
+
+async def send_temp(agent: EdgeAgent, value: float) -> None:
+    """A reading of device d1's temp channel on the site's bus, as ingest would publish it."""
+    assert agent.bus is not None
+    reading = DeviceReading(site=agent.site, device="d1", channel="temp", payload={"t": value})
+    subject = subjects.site_readings(agent.site, "d1", "temp")
+    await agent.bus.publish(subject, agent.bus.event(reading))
 
 
 async def test_a_layer_written_while_the_follower_was_away_still_reaches_the_sites(

@@ -141,7 +141,7 @@ class AlarmRuleEngine:
         self._changes: asyncio.Queue[_Change] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._decode = REGISTRY.decoder_for(DeviceReading)
-        self._too_many_raised = False
+        self._too_many_raised = alarms.is_active(ENGINE_ENTITY, TOO_MANY_CAUSE)  # restored
         self.stats = EngineStats()
         self._log = get_logger("edge_agent.alarm_rules", site=self.site)
         if rules is not None:
@@ -296,7 +296,7 @@ class AlarmRuleEngine:
                 if decision is not None:
                     self._owe(inst, decision, silence_text(rule, None))
             else:
-                window = inst.window or RateWindow(start=now)
+                window = inst.window or RateWindow(start=now, active=inst.active)
                 inst.window, decision = rate_event(rule, window, now)
                 if decision is not None:
                     self._owe(inst, decision, rate_text(rule, decision))
@@ -375,7 +375,10 @@ class AlarmRuleEngine:
             self.stats.untracked += 1
             self._too_many()
             return None
-        inst = _Instance(rule, device, entity=device, cause=_cause(rule, channel), last_seen=now)
+        cause = _cause(rule, channel)
+        # Raised before this agent restarted: its clear is still owed.
+        active = self._alarms.is_active(device, cause)
+        inst = _Instance(rule, device, entity=device, cause=cause, active=active, last_seen=now)
         per_rule[key] = inst
         self.stats.instances += 1
         return inst

@@ -1,6 +1,7 @@
 """The site's own alarms: idempotent raise and clear, published locally and owed to the center.
 
-Each change goes out on `evt.<site>.alarm` and into the replay log (kind "alarm", key = entity).
+Each change goes out on `evt.<site>.alarm` and into the replay log (kind "alarm", key = entity);
+with a store, the active set survives a restart of the agent.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from bus import subjects
 from bus.client import Bus
 from bus.log import get_logger
 from bus.replaylog import AppendStatus, LogEntry, ReplayLog
+from edge_agent.alarms.store import ActiveAlarmStore
 from schemas import Event
 from schemas.alarms import AlarmCleared, AlarmRaised, Severity, alarm_id
 
@@ -44,12 +46,15 @@ class LocalAlarms:
         site: str,
         *,
         max_pending: int = DEFAULT_MAX_PENDING,
+        store: ActiveAlarmStore | None = None,
     ) -> None:
         self.site = subjects.site_id(site)
         self._bus = bus
         self._replay_log = replay_log
-        self._active: dict[str, AlarmRaised] = {}
-        self._raised: dict[str, Event[Any]] = {}  # the event that raised each active alarm
+        self._store = store
+        # The event that raised each active alarm (restored: what this agent raised before).
+        self._raised: dict[str, Event[Any]] = dict(store.load()) if store else {}
+        self._active: dict[str, AlarmRaised] = {i: e.data for i, e in self._raised.items()}
         self._reasserted = 0
         self._pending: deque[LogEntry] = deque()
         self._max_pending = max_pending
@@ -58,6 +63,9 @@ class LocalAlarms:
 
     def active(self) -> list[AlarmRaised]:
         return list(self._active.values())
+
+    def is_active(self, entity: str, probable_cause: str) -> bool:
+        return alarm_id(self.site, entity, probable_cause) in self._active
 
     @property
     def pending(self) -> int:
@@ -90,6 +98,7 @@ class LocalAlarms:
         self._log.warning("alarm_raised", alarm_id=identity, severity=str(severity), text=text)
         event = self._bus.event(data, subject=identity)
         self._raised[identity] = event
+        self._save()
         await self._publish(entity, event)
         return True
 
@@ -101,6 +110,7 @@ class LocalAlarms:
         if self._active.pop(identity, None) is None:
             return False
         self._raised.pop(identity, None)
+        self._save()
         data = AlarmCleared(
             alarm_id=identity,
             site=self.site,
@@ -145,6 +155,14 @@ class LocalAlarms:
                 break
             self._pending.popleft()
         return len(self._pending)
+
+    def _save(self) -> None:
+        if self._store is None:
+            return
+        try:
+            self._store.save(self._raised)
+        except OSError as exc:  # the disk is full: the alarm still goes out, unremembered
+            self._log.error("alarm_store_failed", error=repr(exc))
 
     async def _publish(self, entity: str, event: Event[Any]) -> None:
         try:
