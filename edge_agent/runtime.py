@@ -40,13 +40,7 @@ from edge_agent.ingest.worker import IngestTuning, IngestWorker
 from edge_agent.logship import LogShipper
 from edge_agent.replay.monitor import ReplayMonitor
 from edge_agent.status.responder import StatusResponder, StatusSources
-from edge_agent.sync import (
-    AppliedStore,
-    Applier,
-    ConfigSync,
-    SyncTuning,
-    store_dir,
-)
+from edge_agent.sync import AppliedStore, Applier, ConfigSync, SyncTuning, store_dir
 from schemas.alarms import AlarmRulesConfig
 from schemas.devices import IngestConfig
 from schemas.logs import LogConfig
