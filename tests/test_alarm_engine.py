@@ -19,6 +19,7 @@ from bus.replaylog import STREAM, ReplayLog
 from bus.streams import ReplayFullPolicy, site_replay_stream
 from bus.testing import EdgeTopology
 from edge_agent.alarms import AlarmRuleEngine, LocalAlarms
+from edge_agent.alarms.engine import OWNER
 from schemas import REGISTRY
 from schemas.alarms import (
     AlarmCleared,
@@ -154,6 +155,19 @@ async def test_alarms_raised_before_a_restart_are_adopted_and_cleared_by_every_r
     await rig.reading("d7", "temp", n=1)  # the silent device is heard
     await settled(rig)
     await wait_until(lambda: not rig.active(), 5, lambda: f"still active: {rig.active()}")
+
+
+async def test_restored_alarms_of_a_rule_removed_meanwhile_are_cleared(rig: Rig) -> None:
+    """Raised by the rules before a restart, their rule gone from the config applied after
+    it: no device needs to send anything for them to clear. Others' alarms are left alone."""
+    await rig.alarms.raise_("d5", "gone", Severity.MAJOR, "before", owner=OWNER)
+    await rig.alarms.raise_("d5", "hot:temp", Severity.MAJOR, "before", owner=OWNER)
+    await rig.alarms.raise_("d6", "gone", Severity.MAJOR, "not the rules'", owner="monitor")
+    any_channel = ThresholdRule(id="hot", path="t", raise_at=80, clear_at=70)
+    rig.engine.apply_config(AlarmRulesConfig(rules=[any_channel]))
+    await settled(rig)
+    # The rule "hot" still exists: its alarm waits for its device (adopted, see above).
+    assert rig.active() == {"s1/d5/hot:temp", "s1/d6/gone"}
 
 
 async def test_a_removed_rule_clears_its_alarms_and_a_bad_config_changes_nothing(rig: Rig) -> None:

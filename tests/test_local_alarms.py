@@ -169,15 +169,16 @@ async def test_a_restarted_agent_remembers_its_active_alarms_and_still_clears_th
 ) -> None:
     store = ActiveAlarmStore(tmp_path / "alarms")
     before = LocalAlarms(roomy.bus, roomy.log, SITE, store=store)
-    assert await before.raise_("pump-1", "overheat", Severity.CRITICAL, "95 C")
+    assert await before.raise_("pump-1", "overheat", Severity.CRITICAL, "95 C", owner="rules")
     assert await before.raise_("pump-2", "overheat", Severity.MAJOR, "85 C")
     assert await before.clear("pump-2", "overheat", "70 C")
-    raised_id = before._raised["s1/pump-1/overheat"].id
+    raised_id = before._raised["s1/pump-1/overheat"].event.id
 
     after = LocalAlarms(roomy.bus, roomy.log, SITE, store=store)  # as a restarted agent
     assert [a.alarm_id for a in after.active()] == ["s1/pump-1/overheat"]
     assert after.is_active("pump-1", "overheat") and not after.is_active("pump-2", "overheat")
-    assert after._raised["s1/pump-1/overheat"].id == raised_id  # a re-sent copy is one event
+    assert [a.alarm_id for a in after.owned_by("rules")] == ["s1/pump-1/overheat"]
+    assert after._raised["s1/pump-1/overheat"].event.id == raised_id  # re-sent: one event
     assert not await after.raise_("pump-1", "overheat", Severity.CRITICAL, "96 C")  # idempotent
     assert await after.clear("pump-1", "overheat", "back to 60 C")  # its clear still goes out
     _, last = (await logged(roomy))[-1]

@@ -49,6 +49,7 @@ from schemas.errors import EventDecodeError
 ANY = "*"
 # The engine's own alarm (an "agent" alarm): more rule instances than it will track.
 ENGINE_ENTITY = "alarm-rules"
+OWNER = "alarm_rules"  # of the alarms the rules raise (LocalAlarms keeps it across restarts)
 TOO_MANY_CAUSE = "too_many_instances"
 DEFAULT_MAX_INSTANCES = 50_000
 _MATCH_CACHE_SIZE = 20_000
@@ -97,6 +98,11 @@ def _instance_key(rule: AlarmRule, device: str, channel: str) -> tuple[str, str,
     if isinstance(rule, ThresholdRule):
         return rule.id, device, channel
     return rule.id, device, rule.channel
+
+
+def rule_of(cause: str) -> str:
+    """The rule id in an alarm's probable cause (see `_cause`)."""
+    return cause.split(":", 1)[0]
 
 
 def _cause(rule: AlarmRule, channel: str) -> str:
@@ -182,6 +188,7 @@ class AlarmRuleEngine:
         for rule_id, old in list(self._rules.items()):
             if new.get(rule_id) != old:
                 self._retire(rule_id, "rule removed" if rule_id not in new else "rule changed")
+        self._retire_restored(new)
         self._rules = new
         self._config = config
         self._matches.clear()
@@ -199,6 +206,16 @@ class AlarmRuleEngine:
             )
         self._wake.set()
         self._log.info("alarm_rules_applied", rules=sorted(new))
+
+    def _retire_restored(self, rules: dict[str, AlarmRule]) -> None:
+        """Alarms the rules raised before the agent restarted, whose rule is gone now (no
+        instance holds them: nothing else would clear them)."""
+        now = datetime.now(UTC)
+        for alarm in self._alarms.owned_by(OWNER):
+            if alarm.entity != ENGINE_ENTITY and rule_of(alarm.probable_cause) not in rules:
+                self._changes.put_nowait(
+                    _Change(alarm.entity, alarm.probable_cause, None, "rule removed", now)
+                )
 
     def _retire(self, rule_id: str, why: str) -> None:
         for inst in self._instances.pop(rule_id, {}).values():
@@ -251,7 +268,12 @@ class AlarmRuleEngine:
             try:
                 if change.severity is not None:
                     if await self._alarms.raise_(
-                        change.entity, change.cause, change.severity, change.text, at=change.at
+                        change.entity,
+                        change.cause,
+                        change.severity,
+                        change.text,
+                        at=change.at,
+                        owner=OWNER,
                     ):
                         self.stats.raised += 1
                 elif await self._alarms.clear(

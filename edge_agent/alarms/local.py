@@ -15,7 +15,7 @@ from bus import subjects
 from bus.client import Bus
 from bus.log import get_logger
 from bus.replaylog import AppendStatus, LogEntry, ReplayLog
-from edge_agent.alarms.store import ActiveAlarmStore
+from edge_agent.alarms.store import ActiveAlarmStore, Stored
 from schemas import Event
 from schemas.alarms import AlarmCleared, AlarmRaised, Severity, alarm_id
 
@@ -52,9 +52,10 @@ class LocalAlarms:
         self._bus = bus
         self._replay_log = replay_log
         self._store = store
-        # The event that raised each active alarm (restored: what this agent raised before).
-        self._raised: dict[str, Event[Any]] = dict(store.load()) if store else {}
-        self._active: dict[str, AlarmRaised] = {i: e.data for i, e in self._raised.items()}
+        # The event that raised each active alarm, and its owner (restored: what this agent
+        # raised before it restarted).
+        self._raised: dict[str, Stored] = store.load() if store else {}
+        self._active: dict[str, AlarmRaised] = {i: s.event.data for i, s in self._raised.items()}
         self._reasserted = 0
         self._pending: deque[LogEntry] = deque()
         self._max_pending = max_pending
@@ -66,6 +67,10 @@ class LocalAlarms:
 
     def is_active(self, entity: str, probable_cause: str) -> bool:
         return alarm_id(self.site, entity, probable_cause) in self._active
+
+    def owned_by(self, owner: str) -> list[AlarmRaised]:
+        """The active alarms `owner` raised (e.g. before a restart: it still owes their clears)."""
+        return [s.event.data for s in self._raised.values() if s.owner == owner]
 
     @property
     def pending(self) -> int:
@@ -80,8 +85,10 @@ class LocalAlarms:
         text: str,
         *,
         at: datetime | None = None,
+        owner: str = "",
     ) -> bool:
-        """Raise an alarm (at `at`, default now); False (nothing published) if already active."""
+        """Raise an alarm (at `at`, default now); False (nothing published) if already active.
+        `owner`: the part of the agent that will clear it (kept across restarts)."""
         identity = alarm_id(self.site, entity, probable_cause)
         if identity in self._active:
             return False
@@ -97,7 +104,7 @@ class LocalAlarms:
         self._active[identity] = data
         self._log.warning("alarm_raised", alarm_id=identity, severity=str(severity), text=text)
         event = self._bus.event(data, subject=identity)
-        self._raised[identity] = event
+        self._raised[identity] = Stored(event, owner)
         self._save()
         await self._publish(entity, event)
         return True
@@ -129,9 +136,9 @@ class LocalAlarms:
         A fresh append id per copy (the log's own dedup would refuse the event id again);
         the forwarder sends each copy with the event id, so the center stores it once.
         """
-        for identity, event in self._raised.items():
+        for identity, stored in self._raised.items():
             self._reasserted += 1
-            entity = self._active[identity].entity
+            entity, event = self._active[identity].entity, stored.event
             self._enqueue(
                 LogEntry(
                     kind=ALARM_KIND,

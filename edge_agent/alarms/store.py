@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from schemas import REGISTRY, Event
 from schemas.alarms import AlarmRaised
@@ -22,28 +22,42 @@ def alarms_dir(agent_data_dir: Path) -> Path:
     return agent_data_dir / "alarms"
 
 
+@dataclass(frozen=True)
+class Stored:
+    """An active alarm: the event that raised it, and which part of the agent raised it (the
+    part that owes its clear, e.g. the alarm rules)."""
+
+    event: Event[AlarmRaised]
+    owner: str = ""
+
+
 class ActiveAlarmStore:
     """Each active alarm's raise event, as it was published (its id is kept: a re-sent copy
-    is the same event at the center)."""
+    is the same event at the center), and its owner."""
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / STORE_FILE
 
-    def load(self) -> dict[str, Event[AlarmRaised]]:
-        """alarm id -> raise event; a corrupt file is an error, never silently empty."""
+    def load(self) -> dict[str, Stored]:
+        """alarm id -> what was stored; a corrupt file is an error, never silently empty."""
         if not self.path.exists():
             return {}
-        entries: dict[str, str] = json.loads(self.path.read_text(encoding="utf-8"))
+        entries: dict[str, dict[str, str]] = json.loads(self.path.read_text(encoding="utf-8"))
         return {
-            identity: REGISTRY.decode_as(raw.encode(), AlarmRaised)
-            for identity, raw in entries.items()
+            identity: Stored(
+                REGISTRY.decode_as(entry["event"].encode(), AlarmRaised), entry["owner"]
+            )
+            for identity, entry in entries.items()
         }
 
-    def save(self, raised: Mapping[str, Event[Any]]) -> None:
+    def save(self, active: Mapping[str, Stored]) -> None:
         """Replace the file atomically. Not fsynced: written at every raise and clear (an alarm
         storm at a site makes thousands), and a process crash loses nothing either way."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        entries = {identity: REGISTRY.encode(event).decode() for identity, event in raised.items()}
+        entries = {
+            identity: {"event": REGISTRY.encode(stored.event).decode(), "owner": stored.owner}
+            for identity, stored in active.items()
+        }
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(entries, sort_keys=True), encoding="utf-8")
         os.replace(tmp, self.path)
