@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,6 +52,20 @@ def dead_letter_headers(
     return headers
 
 
+@dataclass(frozen=True)
+class DeadLetterNotice:
+    """What a listener is told of one dead letter (the bytes stay in the stream)."""
+
+    component: str
+    subject: str
+    reason: str
+    detail: str
+    at: datetime
+
+
+DeadLetterListener = Callable[[DeadLetterNotice], None]
+
+
 class DeadLetterSink:
     """Stores dead letters for one scope (`center` or a site id) and counts them by reason."""
 
@@ -58,7 +74,13 @@ class DeadLetterSink:
         self.scope = subjects.token(scope)
         self.counts: Counter[str] = Counter()
         self.store_failures = 0
+        self._listeners: list[DeadLetterListener] = []
         self._log = get_logger("bus.deadletter", scope=scope)
+
+    def add_listener(self, listener: DeadLetterListener) -> None:
+        """`listener` is told of every dead letter as it is recorded (to raise an alarm, say);
+        one that raises is logged and never stops the recording."""
+        self._listeners.append(listener)
 
     async def record(
         self,
@@ -73,6 +95,8 @@ class DeadLetterSink:
     ) -> None:
         """Store one dead letter. Never raises: a failure to store is logged and counted."""
         self.counts[reason] += 1
+        if self._listeners:
+            self._tell(DeadLetterNotice(component, subject, reason, detail, datetime.now(UTC)))
         stored = data[:MAX_STORED_BYTES]
         dlq_headers = dead_letter_headers(
             reason=reason,
@@ -107,3 +131,10 @@ class DeadLetterSink:
                 error=repr(exc),
                 payload_head=data[:200].decode("utf-8", "replace"),
             )
+
+    def _tell(self, notice: DeadLetterNotice) -> None:
+        for listener in self._listeners:
+            try:
+                listener(notice)
+            except Exception as exc:
+                self._log.error("dead_letter_listener_failed", error=repr(exc))

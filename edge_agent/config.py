@@ -67,5 +67,7 @@ class AgentConfig:
     alarm_rules: AlarmRulesConfig | None = None
     # Own log records at this level and above go to the center (config kind `log` changes it).
     log_ship_level: str = "warning"
+    # A dead-letter alarm clears once no dead letter of its reason came for this long.
+    dead_letter_quiet_s: float = 600.0
     # How often the agent tells the center what config it runs (drift detection).
     sync_report_interval_s: float = 60.0

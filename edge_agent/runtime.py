@@ -29,6 +29,7 @@ from bus.streams import (
     site_ingest_stream,
     site_replay_stream,
 )
+from edge_agent.alarms.deadletters import DeadLetterAlarms
 from edge_agent.alarms.engine import AlarmRuleEngine
 from edge_agent.alarms.local import LocalAlarms
 from edge_agent.alarms.store import ActiveAlarmStore, alarms_dir
@@ -121,6 +122,7 @@ class EdgeAgent:
         self.monitor: ReplayMonitor | None = None
         self.alarms: LocalAlarms | None = None
         self.rule_engine: AlarmRuleEngine | None = None
+        self.dead_letter_alarms: DeadLetterAlarms | None = None
         self.status: StatusResponder | None = None
         self.heartbeat: HeartbeatSender | None = None
         self.log_shipper: LogShipper | None = None
@@ -199,6 +201,8 @@ class EdgeAgent:
             bus, replay_log, self.site, store=ActiveAlarmStore(alarms_dir(config.data_dir))
         )
         self.rule_engine = AlarmRuleEngine(bus, self.site, self.alarms, config.alarm_rules)
+        self.dead_letter_alarms = DeadLetterAlarms(self.alarms, quiet_s=config.dead_letter_quiet_s)
+        bus.dead_letters.add_listener(self.dead_letter_alarms.on_dead_letter)
         self.log_shipper = LogShipper(bus, replay_log, self.site, ship_level=config.log_ship_level)
         self.forwarder = Forwarder(
             bus.nc, self.site, forwarder_config(config), dead_letters=bus.dead_letters
@@ -240,6 +244,8 @@ class EdgeAgent:
             [("ingest", self.ingest.run)],
             [("alarm_rules", self.rule_engine.run)],
             [("forwarder", self.forwarder.run)],
+            # After the parts that dead-letter: what they record until they stop is alarmed.
+            [("dead_letter_alarms", self.dead_letter_alarms.run)],
             [("monitor", self.monitor.run)],
             # Late: records logged while the other parts stop still reach the replay log.
             [("logship", self.log_shipper.run)],

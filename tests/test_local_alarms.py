@@ -16,10 +16,14 @@ from nats.aio.msg import Msg
 from bus import subjects
 from bus.client import Bus
 from bus.config import NatsConfig
+from bus.deadletter import DeadLetterNotice
 from bus.replaylog import STREAM, AppendStatus, LogEntry, ReplayLog
 from bus.streams import ReplayFullPolicy, StreamSpec, site_replay_stream
 from bus.testing import EdgeTopology
 from edge_agent.alarms import LocalAlarms
+from edge_agent.alarms.deadletters import ENTITY as DL_ENTITY
+from edge_agent.alarms.deadletters import OWNER as DL_OWNER
+from edge_agent.alarms.deadletters import DeadLetterAlarms
 from edge_agent.alarms.local import replay_key
 from edge_agent.alarms.store import ActiveAlarmStore
 from schemas import REGISTRY, new_event
@@ -185,3 +189,46 @@ async def test_a_restarted_agent_remembers_its_active_alarms_and_still_clears_th
     cleared = REGISTRY.decode(last).data
     assert isinstance(cleared, AlarmCleared) and cleared.alarm_id == "s1/pump-1/overheat"
     assert LocalAlarms(roomy.bus, roomy.log, SITE, store=store).active() == []
+
+
+async def test_dead_letters_raise_one_alarm_per_reason_cleared_when_quiet(roomy: Setup) -> None:
+    sink = roomy.bus.dead_letters
+
+    def broken(notice: DeadLetterNotice) -> None:
+        raise RuntimeError("a listener with a bug")
+
+    sink.add_listener(broken)  # logged, and the others are still told
+    alarms = DeadLetterAlarms(roomy.alarms, quiet_s=0.3)
+    sink.add_listener(alarms.on_dead_letter)
+    for n in range(3):
+        await sink.record(
+            component="ingest", subject=f"dev.s1.d{n}.t", data=b"{", reason="malformed", detail="x"
+        )
+    await sink.record(
+        component="config-sync",
+        subject="down.s1.config",
+        data=b"{}",
+        reason="unsupported_version",
+        detail="v99 is newer than v1",
+    )
+    assert sink.counts == {"malformed": 3, "unsupported_version": 1}  # all stored and counted
+    await alarms.settle()
+    raised = {a.probable_cause: a for a in roomy.alarms.active()}
+    assert set(raised) == {"malformed", "unsupported_version"}
+    assert raised["unsupported_version"].severity is Severity.MAJOR
+    assert raised["malformed"].severity is Severity.WARNING
+    assert raised["malformed"].text == "ingest dead-lettered dev.s1.d0.t: x"  # the first one
+
+    await asyncio.sleep(0.35)
+    await alarms.settle()
+    assert roomy.alarms.active() == []
+    _, last = (await logged(roomy))[-2]
+    cleared = REGISTRY.decode(last).data
+    assert isinstance(cleared, AlarmCleared) and "3 dead letter(s)" in cleared.text
+
+    # Raised before a restart: the new agent clears it after a quiet while too.
+    await roomy.alarms.raise_(DL_ENTITY, "malformed", Severity.WARNING, "old", owner=DL_OWNER)
+    restarted = DeadLetterAlarms(roomy.alarms, quiet_s=0.2)
+    await asyncio.sleep(0.25)
+    await restarted.settle()
+    assert roomy.alarms.active() == []

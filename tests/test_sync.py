@@ -28,7 +28,7 @@ from edge_agent.sync.agent import ALARM_ENTITY, apply_failed_cause
 from edge_agent.sync.store import AppliedStore, store_dir
 from edgebus.config_cli import config_history, get_config, set_config, sync_status
 from edgebus.site import seed_config
-from schemas.alarms import alarm_id
+from schemas.alarms import AlarmRaised, Severity, alarm_id
 from schemas.bootstrap import BootstrapToken
 from schemas.controller import SitesAdd, SitesAdded
 from schemas.devices import DeviceReading
@@ -79,7 +79,9 @@ class Fleet:
     def site_dir(self, site: str) -> Path:
         return self.base / "sites" / site
 
-    async def add(self, site: str, group: str = "default", **labels: str) -> EdgeAgent:
+    async def add(
+        self, site: str, group: str = "default", tuning: dict[str, Any] | None = None, **labels: str
+    ) -> EdgeAgent:
         added = await self.operator.request(
             subjects.control("controller", "sites", "add"),
             SitesAdd(sites=[site], group=group, labels=labels),
@@ -89,9 +91,9 @@ class Fleet:
         identity = await onboard(token, self.site_dir(site), retry=FAST_RETRY)
         seed_config(identity, self.site_dir(site))
         await asyncio.to_thread(self.center.topology.add_site, site, mqtt=False)
-        return await self.start_agent(site)
+        return await self.start_agent(site, tuning)
 
-    async def start_agent(self, site: str) -> EdgeAgent:
+    async def start_agent(self, site: str, tuning: dict[str, Any] | None = None) -> EdgeAgent:
         server = self.center.topology.site(site)
         config = AgentConfig(
             site=site,
@@ -100,7 +102,7 @@ class Fleet:
             heartbeat_interval_s=HEARTBEAT_S,
             sync_report_interval_s=REPORT_S,
         )
-        agent = EdgeAgent(config)
+        agent = EdgeAgent(replace(config, **(tuning or {})))
         stop = asyncio.Event()
         self._runs[site] = (stop, asyncio.create_task(agent.run(stop)))
         await asyncio.wait_for(agent.ready.wait(), 30)
@@ -249,21 +251,13 @@ async def test_an_alarm_raised_before_an_agent_restart_is_cleared_after_it(fleet
     def active(agent: EdgeAgent) -> set[str]:
         return {a.alarm_id for a in agent.alarms.active()} if agent.alarms else set()
 
-    async def at_center() -> list[str]:
-        js = fleet.operator.js
-        state = (await js.stream_info("UP_ALARM")).state
-        names = []
-        for seq in range(state.first_seq, state.last_seq + 1):
-            event = fleet.operator.registry.decode((await js.get_msg("UP_ALARM", seq)).data or b"")
-            if getattr(event.data, "alarm_id", None) == hot:
-                names.append(type(event.data).__name__)
-        return names
-
     s1 = fleet.agents["s1"]
     await send_temp(s1, 91)
     await wait_until(lambda: hot in active(s1), 10, "not raised")
     await wait_until(
-        lambda: _eq(at_center(), ["AlarmRaised"]), 15, "the raise did not reach the center"
+        lambda: _eq(alarm_changes_at_center(fleet, hot), ["AlarmRaised"]),
+        15,
+        "the raise did not reach the center",
     )
     await fleet.stop_agent("s1")
     s1 = await fleet.start_agent("s1")
@@ -271,8 +265,22 @@ async def test_an_alarm_raised_before_an_agent_restart_is_cleared_after_it(fleet
     await send_temp(s1, 60)
     await wait_until(lambda: hot not in active(s1), 10, "not cleared after the restart")
     await wait_until(
-        lambda: _eq(at_center(), ["AlarmRaised", "AlarmCleared"]), 15, "no clear at the center"
+        lambda: _eq(alarm_changes_at_center(fleet, hot), ["AlarmRaised", "AlarmCleared"]),
+        15,
+        "no clear at the center",
     )
+
+
+async def alarm_changes_at_center(fleet: Fleet, ident: str) -> list[str]:
+    """The event types of alarm `ident` in the center's UP_ALARM stream, in order."""
+    js = fleet.operator.js
+    state = (await js.stream_info("UP_ALARM")).state
+    names = []
+    for seq in range(state.first_seq, state.last_seq + 1):
+        event = fleet.operator.registry.decode((await js.get_msg("UP_ALARM", seq)).data or b"")
+        if getattr(event.data, "alarm_id", None) == ident:
+            names.append(type(event.data).__name__)
+    return names
 
 
 async def _eq(names: Awaitable[list[str]], expected: list[str]) -> bool:
@@ -285,6 +293,49 @@ async def send_temp(agent: EdgeAgent, value: float) -> None:
     reading = DeviceReading(site=agent.site, device="d1", channel="temp", payload={"t": value})
     subject = subjects.site_readings(agent.site, "d1", "temp")
     await agent.bus.publish(subject, agent.bus.event(reading))
+
+
+async def test_a_config_version_the_agent_cannot_read_is_dead_lettered_and_alarmed(
+    fleet: Fleet,
+) -> None:
+    """A center newer than the agent sends a version it does not know: the agent keeps
+    running its config, stores the message as a dead letter and raises a major alarm, which
+    the center gets; the alarm clears once no such dead letter came for a quiet while."""
+    await ensure_uplink_streams(fleet.operator.js)
+    s1 = await fleet.add("s1", tuning={"dead_letter_quiet_s": 2.0})
+    event = json.loads(
+        fleet.operator.registry.encode(
+            fleet.operator.event(ConfigDesired(kind="ingest", rev=9, digest="x", config={}))
+        )
+    )
+    event["dataschema"] = event["dataschema"].replace(":v1", ":v99")
+    assert s1.bus is not None
+    dead_letters = s1.bus.dead_letters.counts
+
+    async def sent_and_dead_lettered() -> bool:
+        # Re-sent until it arrives: the agent's subscription may not have crossed the leaf yet.
+        await fleet.operator.nc.publish(subjects.config_desired("s1"), json.dumps(event).encode())
+        await asyncio.sleep(0.2)
+        return dead_letters["unsupported_version"] > 0
+
+    await wait_until(sent_and_dead_lettered, 10, "never dead-lettered")
+
+    ident = alarm_id("s1", "dead-letters", "unsupported_version")
+
+    def alarm() -> AlarmRaised | None:
+        assert s1.alarms is not None
+        return next((a for a in s1.alarms.active() if a.alarm_id == ident), None)
+
+    await wait_until(lambda: alarm() is not None, 10, "no dead-letter alarm")
+    raised = alarm()
+    assert raised is not None and raised.severity == Severity.MAJOR
+    assert "config-sync dead-lettered down.s1.config" in raised.text, raised.text
+    await wait_until(lambda: alarm() is None, 10, "not cleared after the quiet while")
+    await wait_until(
+        lambda: _eq(alarm_changes_at_center(fleet, ident), ["AlarmRaised", "AlarmCleared"]),
+        15,
+        "the alarm's raise and clear did not reach the center",
+    )
 
 
 async def test_a_layer_written_while_the_follower_was_away_still_reaches_the_sites(
