@@ -9,13 +9,13 @@ the site's DEADLETTER stream; the alarm says how many and what the first one was
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from bus.deadletter import DeadLetterNotice
 from edge_agent.alarms.local import LocalAlarms
+from edge_agent.alarms.waits import wait_any
 from schemas.alarms import Severity
 
 ENTITY = "dead-letters"
@@ -81,10 +81,9 @@ class DeadLetterAlarms:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            self._wake.clear()  # before: a dead letter told during `settle` wakes the next wait
             await self.settle()
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wait(stop), self._tick_s)
+            await wait_any(stop, self._wake, timeout=self._tick_s)
         await self.settle()
 
     async def settle(self) -> None:
@@ -100,11 +99,3 @@ class DeadLetterAlarms:
             episode = self._episodes.pop(reason)
             text = f"{episode.count} dead letter(s) ({reason}), none for {self._quiet_s:g}s"
             await self._alarms.clear(ENTITY, reason, text)
-
-    async def _wait(self, stop: asyncio.Event) -> None:
-        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()

@@ -33,6 +33,7 @@ from edge_agent.alarms.rules import (
     threshold_text,
     value_at,
 )
+from edge_agent.alarms.waits import wait_any
 from schemas import REGISTRY
 from schemas.alarms import (
     MAX_RULES,
@@ -239,8 +240,7 @@ class AlarmRuleEngine:
                     sub = None
                 self.tick()
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wait(stop), timeout=self._tick_s)
+                await wait_any(stop, self._wake, timeout=self._tick_s)
                 if drain.done():  # it never returns on its own: surface its crash
                     await drain
         finally:
@@ -252,14 +252,6 @@ class AlarmRuleEngine:
             drain.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await drain
-
-    async def _wait(self, stop: asyncio.Event) -> None:
-        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
 
     async def _drain(self) -> None:
         """Raise and clear in decision order (one at a time: LocalAlarms keeps the order)."""
